@@ -1,0 +1,46 @@
+"""The adapter interface: a strategy takes the encoder, sets what trains, and may add parameters.
+
+An adapter is an `nn.Module`, so whatever it owns (prefix parameters) is part of the Lightning
+module's state; adapters that inject into the encoder (LoRA) own nothing themselves.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from peft_lightning.encoder import BertEncoder, PrefixKV
+
+
+class Adapter(nn.Module):
+    """Base class of the four strategies.
+
+    Attributes:
+        name: the strategy's key in `conf/adapter/`.
+        freeze_encoder: run the encoder without gradients and in eval mode (no dropout).
+    """
+
+    name: str = "base"
+    freeze_encoder: bool = False
+
+    def attach(self, encoder: BertEncoder) -> None:
+        """Set requires_grad on the encoder and inject any modules into it."""
+        raise NotImplementedError
+
+    def prefix_kv(self) -> list[PrefixKV] | None:
+        """Per-layer prefix keys/values for the encoder, or None."""
+        return None
+
+    def merge(self) -> None:
+        """Fold adapter weights into the frozen weights for inference (no-op by default)."""
+
+    def unmerge(self) -> None:
+        """Undo `merge` exactly, to continue training (no-op by default)."""
+
+    def describe(self) -> dict:
+        """The options that define this adapter; checkpoints store it to refuse a mismatched load."""
+        return {"name": self.name}
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)

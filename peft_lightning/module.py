@@ -1,0 +1,278 @@
+"""MultiTaskModule: a BERT encoder, one adapter strategy and the task heads, trained together."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+import torchmetrics as tm
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+from peft_lightning.adapters.base import Adapter
+from peft_lightning.encoder import BertEncoder
+from peft_lightning.heads import build_heads
+from peft_lightning.tasks import TASKS, get_tasks
+
+
+def task_metrics(task: str) -> tm.MetricCollection:
+    t = TASKS[task]
+    if t.is_regression:
+        return tm.MetricCollection({"pearson": tm.PearsonCorrCoef(), "spearman": tm.SpearmanCorrCoef()})
+    if t.num_labels == 2:
+        return tm.MetricCollection({"acc": tm.classification.BinaryAccuracy(), "f1": tm.classification.BinaryF1Score()})
+    return tm.MetricCollection({"acc": tm.classification.MulticlassAccuracy(t.num_labels, average="micro")})
+
+
+class MultiTaskModule(L.LightningModule):
+    """Backbone + adapter + heads; each training step sums the losses of the tasks in its batch.
+
+    Args:
+        encoder: the BERT encoder (pretrained weights loaded).
+        adapter: the strategy; attached to the encoder here.
+        tasks: task keys.
+        pooling: `pooler`, `cls` or `mean` sentence vector.
+        pair_encoding: `separate` or `cross` (must match the data module).
+        sts_head: `mlp` or `cosine`.
+        head_dropout: dropout inside the heads.
+        lr, weight_decay, betas, eps: AdamW settings (no decay on biases and LayerNorm weights).
+        lr_schedule: `constant`, `linear` or `cosine` decay after warmup.
+        warmup_ratio: fraction of all steps with linear warmup.
+        seed: reseeds dropout at every epoch start, so an epoch is reproducible after a resume.
+        fuse_passes: run all encoder passes of a step as one padded batch (fewer launches on GPU).
+        identity: what identifies the backbone, stored in checkpoints.
+    """
+
+    def __init__(
+        self,
+        encoder: BertEncoder,
+        adapter: Adapter,
+        tasks: list[str] | None = None,
+        pooling: str = "pooler",
+        pair_encoding: str = "separate",
+        sts_head: str = "mlp",
+        head_dropout: float = 0.1,
+        lr: float = 1e-5,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        lr_schedule: str = "constant",
+        warmup_ratio: float = 0.0,
+        seed: int = 0,
+        fuse_passes: bool = False,
+        identity: dict | None = None,
+    ):
+        super().__init__()
+        if lr_schedule not in ("constant", "linear", "cosine"):
+            raise ValueError(f"optim.lr_schedule={lr_schedule!r} is unknown; expected constant, linear or cosine")
+        self.task_names = [t.name for t in get_tasks(tasks)]
+        self.encoder, self.adapter = encoder, adapter
+        adapter.attach(encoder)
+        self.pooling, self.pair_encoding, self.fuse_passes = pooling, pair_encoding, fuse_passes
+        self.heads = build_heads(get_tasks(self.task_names), encoder.config.hidden_size, pair_encoding, sts_head, head_dropout)
+        self.train_metrics = nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
+        self.val_metrics = nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
+        self.optim = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        self.lr_schedule, self.warmup_ratio, self.seed = lr_schedule, warmup_ratio, seed
+        self.identity = {
+            "adapter": adapter.describe(),
+            "backbone": identity or {},
+            "tasks": self.task_names,
+            "pooling": pooling,
+            "pair_encoding": pair_encoding,
+            "sts_head": sts_head,
+        }
+        self.history: list[dict] = []
+        self.strict_loading = False  # checkpoints hold only what trains
+
+    # ---- forward -------------------------------------------------------------------------
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.adapter.freeze_encoder:
+            self.encoder.eval()  # frozen strategy: no dropout in the encoder
+        return self
+
+    def encode(self, passes: list[dict]) -> list[torch.Tensor]:
+        """Pooled vectors (B_i, hidden) for each encoder pass of a step."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.adapter.freeze_encoder):
+            prefix = self.adapter.prefix_kv()
+            if self.fuse_passes and len(passes) > 1:
+                return self._encode_fused(passes, prefix)
+            out = []
+            for p in passes:
+                h = self.encoder(p["input_ids"], p["attention_mask"], p["token_type_ids"], prefix)
+                out.append(self.encoder.pool(h, p["attention_mask"], self.pooling))
+            return out
+
+    def _encode_fused(self, passes: list[dict], prefix) -> list[torch.Tensor]:
+        width = max(p["input_ids"].shape[1] for p in passes)
+        cat = {
+            k: torch.cat([F.pad(p[k], (0, width - p[k].shape[1])) for p in passes])
+            for k in ("input_ids", "attention_mask", "token_type_ids")
+        }
+        h = self.encoder(cat["input_ids"], cat["attention_mask"], cat["token_type_ids"], prefix)
+        pooled = self.encoder.pool(h, cat["attention_mask"], self.pooling)
+        return list(pooled.split([p["input_ids"].shape[0] for p in passes]))
+
+    def forward(self, batch: dict[str, dict]) -> dict[str, torch.Tensor]:
+        """Logits (B, classes) or scores (B,) per task in the batch."""
+        passes = [enc for sub in batch.values() for enc in sub["inputs"]]
+        pooled = self.encode(passes)
+        out, k = {}, 0
+        for task, sub in batch.items():
+            n = len(sub["inputs"])
+            out[task] = self.heads[task](pooled[k : k + n])
+            k += n
+        return out
+
+    @staticmethod
+    def loss(task: str, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if TASKS[task].is_regression:
+            return F.mse_loss(output.float(), labels.float())
+        return F.cross_entropy(output.float(), labels.long())
+
+    @staticmethod
+    def prediction(task: str, output: torch.Tensor) -> torch.Tensor:
+        return output.float() if TASKS[task].is_regression else output.argmax(-1)
+
+    # ---- steps ---------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, dict], batch_idx: int) -> torch.Tensor:
+        outputs = self(batch)
+        total = 0.0
+        for task, out in outputs.items():
+            labels = batch[task]["labels"]
+            loss = self.loss(task, out, labels)
+            total = total + loss
+            self.train_metrics[task].update(self.prediction(task, out.detach()), labels.long() if not TASKS[task].is_regression else labels)
+            self.log(f"train/{task}/loss", loss.detach(), prog_bar=True, batch_size=labels.shape[0])
+        self.log("train/loss", total.detach(), batch_size=1)
+        return total
+
+    def validation_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> None:
+        for task, out in self(batch).items():
+            labels = batch[task]["labels"]
+            target = labels if TASKS[task].is_regression else labels.long()
+            self.val_metrics[task].update(self.prediction(task, out), target)
+
+    def predict_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> dict:
+        ((task, out),) = self(batch).items()
+        return {"task": task, "index": batch[task]["index"].cpu(), "prediction": self.prediction(task, out).cpu()}
+
+    # ---- epochs and metrics --------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        torch.manual_seed(self.seed * 100_003 + self.current_epoch)
+
+    def on_validation_epoch_start(self) -> None:
+        self.adapter.merge()
+
+    def on_validation_epoch_end(self) -> None:
+        self.adapter.unmerge()
+        dev = self._compute("val")
+        if self.trainer.sanity_checking:
+            return
+        train = self._compute("train")
+        record = {"epoch": self.current_epoch + 1, "step": self.global_step, "train": train, "dev": dev}
+        record["train_avg"], record["dev_avg"] = average(train), average(dev)
+        flat = {f"val/{t}/{m}": v for t, ms in dev.items() for m, v in ms.items()}
+        flat.update({f"train/{t}/{m}": v for t, ms in train.items() for m, v in ms.items()})
+        if record["train_avg"] is not None:
+            flat["train/avg"] = record["train_avg"]
+        self.log_dict({k: v for k, v in flat.items() if v is not None and not math.isnan(v)}, prog_bar=False)
+        self.log("val/avg", record["dev_avg"], prog_bar=True)
+        self.history.append(record)
+
+    def _compute(self, stage: str) -> dict[str, dict[str, float]]:
+        result = {}
+        for task, coll in (self.train_metrics if stage == "train" else self.val_metrics).items():
+            if not any(m.update_count for m in coll.values()):
+                continue
+            result[task] = {k: float(v) for k, v in coll.compute().items()}
+            coll.reset()
+        return result
+
+    def on_predict_start(self) -> None:
+        self.adapter.merge()
+
+    def on_predict_end(self) -> None:
+        self.adapter.unmerge()
+
+    # ---- optimisation --------------------------------------------------------------------
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 and "LayerNorm" not in name else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW(
+            [g for g in groups if g["params"]], lr=self.optim["lr"], betas=self.optim["betas"], eps=self.optim["eps"], fused=fused
+        )
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(self.warmup_ratio * total)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = (step - warmup) / max(1, total - warmup)
+            if self.lr_schedule == "linear":
+                return max(0.0, 1.0 - progress)
+            if self.lr_schedule == "cosine":
+                return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def trainable_keys(self) -> set[str]:
+        return {n for n, p in self.named_parameters() if p.requires_grad}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = self.trainable_keys()
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint["peft_lightning"] = {"identity": self.identity, "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get("peft_lightning")
+        if meta is None:
+            raise ValueError("this checkpoint was not written by peft-lightning (no 'peft_lightning' entry)")
+        check_identity(meta["identity"], self.identity)
+        have, want = set(checkpoint["state_dict"]), self.trainable_keys()
+        if have != want:
+            raise ValueError(
+                f"checkpoint weights do not fit this model: missing {sorted(want - have)[:5]}, "
+                f"unexpected {sorted(have - want)[:5]}"
+            )
+        if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
+            self.history = list(meta.get("history", []))  # resuming: continue the record
+
+    def param_counts(self) -> dict:
+        def count(mods, trainable: bool) -> int:
+            return sum(p.numel() for m in mods for p in m.parameters() if p.requires_grad or not trainable)
+
+        enc = [self.encoder, self.adapter]
+        everything = [*enc, self.heads]
+        return {
+            "encoder": {"trainable": count(enc, True), "total": count(enc, False)},
+            "with_heads": {"trainable": count(everything, True), "total": count(everything, False)},
+            "heads": count([self.heads], False),
+        }
+
+
+def average(scores: dict[str, dict[str, float]]) -> float | None:
+    """Mean of each task's main metric (SST-5 acc, QQP acc, STS-B Pearson) over the tasks present."""
+    vals = [scores[t][TASKS[t].main_metric] for t in scores if TASKS[t].main_metric in scores[t]]
+    return float(sum(vals) / len(vals)) if vals else None
+
+
+def check_identity(saved: dict, current: dict) -> None:
+    """Raise if a checkpoint was trained with another adapter, backbone, or head setup."""
+    diffs = []
+    for key in ("adapter", "backbone", "tasks", "pooling", "pair_encoding", "sts_head"):
+        a, b = saved.get(key), current.get(key)
+        if a != b:
+            diffs.append(f"{key}: checkpoint has {a}, this run has {b}")
+    if diffs:
+        raise ValueError("checkpoint does not match this run's configuration:\n  " + "\n  ".join(diffs))

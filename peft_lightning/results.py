@@ -1,0 +1,159 @@
+"""What every run leaves behind: `results.json` and `predictions/{task}-{split}.tsv`.
+
+`results.json` is rewritten atomically after every validation epoch (status `running`) and at the
+end (status `complete`, or `failed` with the error's first line), so a killed run never leaves a
+half-written file and a sweep can tell finished jobs from unfinished ones.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+RESULTS = "results.json"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_results(run_dir: str | Path) -> dict | None:
+    path = Path(run_dir) / RESULTS
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def is_complete(run_dir: str | Path) -> bool:
+    res = read_results(run_dir)
+    return bool(res) and res.get("status") == "complete"
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def best_epoch(history: list[dict]) -> dict | None:
+    scored = [h for h in history if h.get("dev_avg") is not None]
+    return max(scored, key=lambda h: h["dev_avg"]) if scored else None
+
+
+class ResultsWriter(L.Callback):
+    """Keeps `results.json` current: meta, params, per-epoch history, best epoch, timing, memory."""
+
+    def __init__(self, run_dir: str | Path, meta: dict):
+        self.path = Path(run_dir) / RESULTS
+        self.meta = dict(meta)
+        self.train_s = 0.0
+        self.train_steps = 0
+        self._epoch_t0: float | None = None
+        self._epoch_step0 = 0
+        self._fit_t0 = time.perf_counter()
+        self._elapsed_before = 0.0
+        self.status = "running"
+        self.extra: dict = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_t0 = time.perf_counter()
+        hist = getattr(pl_module, "history", [])
+        if hist:  # resumed: continue the clocks where the checkpoint left them
+            self._elapsed_before = hist[-1].get("elapsed_s", 0.0)
+            self.train_s = hist[-1].get("train_s", 0.0)
+            self.train_steps = hist[-1].get("train_steps", 0)
+        self.meta["params"] = pl_module.param_counts()
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_t0, self._epoch_step0 = time.perf_counter(), trainer.global_step
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if self._epoch_t0 is not None and not trainer.sanity_checking:
+            if pl_module.device.type == "cuda":
+                torch.cuda.synchronize(pl_module.device)
+            self.train_s += time.perf_counter() - self._epoch_t0
+            self.train_steps += trainer.global_step - self._epoch_step0
+            self._epoch_t0 = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not pl_module.history:
+            return
+        last = pl_module.history[-1]
+        last.update(elapsed_s=self.elapsed(), train_s=self.train_s, train_steps=self.train_steps)
+        self.write(trainer, pl_module)
+
+    def elapsed(self) -> float:
+        return self._elapsed_before + time.perf_counter() - self._fit_t0
+
+    def write(self, trainer, pl_module, status: str | None = None, **extra) -> dict:
+        if status:
+            self.status = status
+        self.extra.update(extra)
+        history = list(getattr(pl_module, "history", []))
+        best = best_epoch(history)
+        out = {
+            "status": self.status,
+            **self.meta,
+            "history": history,
+            "best": best,
+            "steps": trainer.global_step if trainer is not None else 0,
+            "wall_time_s": round(self.elapsed(), 3),
+            "train_time_s": round(self.train_s, 3),
+            "step_time_ms": round(1000 * self.train_s / self.train_steps, 3) if self.train_steps else None,
+            "peak_memory_mb": round(peak_memory_mb(pl_module.device), 1),
+            **self.extra,
+        }
+        atomic_write_text(self.path, json.dumps(out, indent=2, default=float))
+        return out
+
+
+def write_predictions(run_dir: str | Path, datamodule, outputs: list[list[dict]] | list[dict]) -> dict[str, str]:
+    """Write `predictions/{task}-{split}.tsv` (id, prediction) from `trainer.predict` outputs."""
+    targets = datamodule.predict_targets()
+    if targets and outputs and isinstance(outputs[0], dict):
+        outputs = [outputs]
+    folder = Path(run_dir) / "predictions"
+    written = {}
+    for (task, split), batches in zip(targets, outputs):
+        data = datamodule.split(task, split)
+        preds: list = [None] * len(data)
+        for b in batches:
+            for i, p in zip(b["index"].tolist(), b["prediction"].tolist()):
+                preds[i] = p
+        missing = sum(p is None for p in preds)
+        if missing:
+            raise RuntimeError(f"{task}-{split}: {missing} rows have no prediction")
+        lines = [["id", "prediction"]]
+        for id_, p in zip(data.ids, preds):
+            lines.append([id_, f"{p:.6f}" if isinstance(p, float) else str(int(p))])
+        path = folder / f"{task}-{split}.tsv"
+        fd, tmp = tempfile.mkstemp(dir=folder if folder.exists() else _mk(folder), suffix=".tmp")
+        with os.fdopen(fd, "w", newline="") as f:
+            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(lines)
+        os.replace(tmp, path)
+        written[f"{task}-{split}"] = str(path.relative_to(run_dir))
+    return written
+
+
+def _mk(folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

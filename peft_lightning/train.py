@@ -1,0 +1,228 @@
+"""`peft-train`: the Hydra app that trains one multi-task run (or a sweep with `-m`).
+
+Wiring only: data module, backbone, adapter, module, trainer, loggers, then predictions from the
+best checkpoint and `results.json`. Every run directory is named from its overrides, so the same
+command finds its own earlier run: a complete run is skipped (`force=true` reruns it) and an
+interrupted one resumes from `checkpoints/last.ckpt` (`ckpt_path=auto`, the default).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate, to_absolute_path
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from peft_lightning.backbone import load_backbone
+from peft_lightning.data import DataError, MultiTaskDataModule
+from peft_lightning.module import MultiTaskModule
+from peft_lightning.results import ResultsWriter, atomic_write_text, is_complete, read_results, write_predictions
+
+log = logging.getLogger("peft_lightning")
+
+
+def conf_dir() -> str:
+    """`conf/` of a source checkout, or the copy packaged inside the wheel."""
+    here = Path(__file__).resolve().parent
+    for cand in (here / "conf", here.parent / "conf"):
+        if (cand / "train.yaml").is_file():
+            return str(cand)
+    raise FileNotFoundError(f"no conf/train.yaml next to {here}")
+
+
+def _run_name(dirname: str) -> str:
+    return dirname.replace("/", "_") if dirname else "default"
+
+
+OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+
+
+def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if ckpt_path in (None, "null", "none"):
+        return None
+    if ckpt_path == "auto":
+        return str(last) if last.is_file() else None
+    if ckpt_path == "last":
+        if not last.is_file():
+            raise FileNotFoundError(f"ckpt_path=last but {last} does not exist")
+        return str(last)
+    path = Path(to_absolute_path(ckpt_path))
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+    return str(path)
+
+
+def precision_for(cfg_precision: str, accelerator: str) -> str:
+    if cfg_precision != "auto":
+        return cfg_precision
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return "bf16-mixed" if gpu else "32-true"
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, adapter_name: str) -> list:
+    kind = cfg.logger.get("kind", "csv")
+    loggers: list = []
+    if kind in ("csv", "wandb"):
+        loggers.append(L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        if cfg.logger.mode == "auto":
+            has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
+            mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
+        else:
+            mode = cfg.logger.mode
+        loggers.append(
+            WandbLogger(
+                project=cfg.logger.project,
+                entity=cfg.logger.get("entity"),
+                group=cfg.logger.get("group") or cfg.study,
+                job_type=cfg.logger.get("job_type") or adapter_name,
+                name=run_name,
+                save_dir=str(run_dir),
+                offline=mode == "offline",
+                mode=mode,
+                tags=list(cfg.logger.get("tags") or []),
+                config=OmegaConf.to_container(cfg, resolve=True),
+            )
+        )
+    return loggers
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train, predict and write results for one configuration; returns results.json's content."""
+    run_dir = Path(cfg.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not cfg.force and is_complete(run_dir):
+        log.info("%s is complete; skipping (force=true reruns it)", run_dir)
+        return read_results(run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    backbone = load_backbone(
+        cfg.model.source,
+        cfg.model.pooling,
+        cfg.model.random_init,
+        OmegaConf.to_container(cfg.model.config_overrides) if cfg.model.get("config_overrides") else None,
+        cfg.seed,
+    )
+    data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
+    data_dir = to_absolute_path(data_kwargs.pop("dir"))
+    dm = MultiTaskDataModule(data_dir, backbone.tokenizer, seed=cfg.seed, **data_kwargs)
+    adapter = instantiate(cfg.adapter)
+    module = MultiTaskModule(
+        backbone.encoder,
+        adapter,
+        tasks=dm.task_names,
+        pooling=cfg.model.pooling,
+        pair_encoding=cfg.data.pair_encoding,
+        sts_head=cfg.model.sts_head,
+        head_dropout=cfg.model.head_dropout,
+        lr=cfg.optim.lr,
+        weight_decay=cfg.optim.weight_decay,
+        lr_schedule=cfg.optim.lr_schedule,
+        warmup_ratio=cfg.optim.warmup_ratio,
+        seed=cfg.seed,
+        fuse_passes=cfg.model.fuse_passes,
+        identity=backbone.identity,
+    )
+    run_name = cfg.get("run_name") or run_dir.name
+    meta = {
+        "run_name": run_name,
+        "study": cfg.study,
+        "adapter": adapter.describe(),
+        "model": {"name": cfg.model.name, "source": cfg.model.source, "pooling": cfg.model.pooling},
+        "schedule": cfg.data.schedule,
+        "tasks": dm.task_names,
+        "epochs": cfg.trainer.max_epochs,
+        "seed": cfg.seed,
+        "overrides": list(cfg.get("overrides") or []),
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+    writer = ResultsWriter(run_dir, meta)
+    ckpt_cb = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="best", monitor="val/avg", mode="max", save_last=True, save_top_k=1,
+        enable_version_counter=False,
+    )
+    tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    tcfg["precision"] = precision_for(tcfg.get("precision", "auto"), tcfg.get("accelerator", "auto"))
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir),
+        logger=build_loggers(cfg, run_dir, run_name, adapter.name) or False,
+        callbacks=[ckpt_cb, writer],
+        **tcfg,
+    )
+    ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
+    if ckpt:
+        log.info("resuming from %s", ckpt)
+    try:
+        trainer.fit(module, dm, ckpt_path=ckpt)
+        if trainer.interrupted:
+            raise KeyboardInterrupt
+        extra = {}
+        if cfg.predict:
+            best = ckpt_cb.best_model_path if ckpt_cb.best_model_path else None
+            outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(), ckpt_path=best)
+            extra["predictions"] = write_predictions(run_dir, dm, outputs)
+            extra["predicted_from"] = Path(best).name if best else "last weights"
+        result = writer.write(trainer, module, status="complete", **extra)
+    except KeyboardInterrupt:
+        writer.write(trainer, module, status="interrupted")
+        raise
+    except Exception as err:
+        writer.write(trainer, module, status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        raise
+    finally:
+        if cfg.logger.get("kind") == "wandb":
+            import wandb
+
+            wandb.finish()
+    return result
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    """Make sure results.json says the run failed, with the error's first line (reports show it)."""
+    run_dir = Path(cfg.output_dir)
+    res = read_results(run_dir) or {"run_name": run_dir.name, "study": cfg.get("study"), "history": []}
+    if res.get("status") in ("failed", "interrupted"):
+        return
+    first = str(err).splitlines()[0] if str(err) else ""
+    res.update(status="failed", error=f"{type(err).__name__}: {first}")
+    res.setdefault("overrides", list(cfg.get("overrides") or []))
+    atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
+
+
+@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    try:
+        result = train(cfg)
+    except KeyboardInterrupt:
+        raise
+    except Exception as err:
+        record_failure(cfg, err)
+        known = isinstance(err, (DataError, ValueError, FileNotFoundError))
+        log.error("run failed: %s: %s", type(err).__name__, err)
+        if multirun:  # one failed job must not stop the sweep; results.json records it
+            log.debug(traceback.format_exc())
+            return None
+        if known and not cfg.get("raise_errors"):
+            sys.exit(2)
+        raise
+    best = (result or {}).get("best") or {}
+    return best.get("dev_avg")
+
+
+if __name__ == "__main__":
+    main()

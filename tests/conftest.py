@@ -1,0 +1,133 @@
+"""Shared fixtures: a tiny random-init BERT folder and synthetic task data, both made here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+POS = ["good", "great", "fine", "lovely", "superb"]
+NEG = ["bad", "awful", "poor", "boring", "dull"]
+NOUNS = ["movie", "film", "story", "plot", "cast", "man", "woman", "dog", "cat", "guitar", "car", "city"]
+VERBS = ["plays", "drives", "likes", "sees", "eats"]
+FILLER = ["the", "a", "is", "was", "very", "quite", "what", "how", "why", "do", "i", "you", "can", "?", "."]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted(set(POS + NEG + NOUNS + VERBS + FILLER))]
+
+
+def make_model_dir(path: Path, hidden: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> Path:
+    """A BertModel folder with random weights and a word-level vocab (loads with from_pretrained)."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "vocab.txt").write_text("\n".join(VOCAB) + "\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "do_lower_case": True}))
+    cfg = BertConfig(
+        vocab_size=len(VOCAB),
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(seed)
+    BertModel(cfg).save_pretrained(path)
+    return path
+
+
+def sentiment_row(rng: random.Random) -> tuple[str, int]:
+    label = rng.randrange(5)
+    words = [rng.choice(FILLER), rng.choice(NOUNS), "is"]
+    words += [rng.choice(POS if label >= 3 else NEG) for _ in range(abs(label - 2))] or ["quite"]
+    return " ".join(words), label
+
+
+def pair_row(rng: random.Random) -> tuple[str, str, int, float]:
+    a = [rng.choice(FILLER), rng.choice(NOUNS), rng.choice(VERBS), rng.choice(NOUNS)]
+    same = rng.random() < 0.4
+    b = list(a) if same else [rng.choice(FILLER), rng.choice(NOUNS), rng.choice(VERBS), rng.choice(NOUNS)]
+    overlap = sum(x == y for x, y in zip(a, b))
+    return " ".join(a), " ".join(b), int(same), round(5.0 * overlap / 4, 3)
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.writer(f, delimiter="\t", lineterminator="\n")
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def make_data_dir(path: Path, n_train: int = 48, n_dev: int = 16, n_test: int = 12, seed: int = 0) -> Path:
+    """Synthetic SST-5 / QQP / STS-B splits in the TSV layout, with a learnable signal."""
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("dev", n_dev), ("test", n_test)):
+        labelled = split != "test"
+        sst, qqp, sts = [], [], []
+        for i in range(n):
+            s, y = sentiment_row(rng)
+            sst.append([f"s{split}{i:04d}", s] + ([y] if labelled else []))
+            a, b, dup, score = pair_row(rng)
+            qqp.append([str(1000 + i), a, b] + ([dup] if labelled else []))
+            a, b, dup, score = pair_row(rng)
+            sts.append([f"{split}-{i:04d}", a, b] + ([f"{score:.3f}"] if labelled else []))
+        write_tsv(path / "sst5" / f"{split}.tsv", ["id", "sentence"] + (["label"] if labelled else []), sst)
+        write_tsv(path / "qqp" / f"{split}.tsv", ["id", "sentence1", "sentence2"] + (["label"] if labelled else []), qqp)
+        write_tsv(path / "stsb" / f"{split}.tsv", ["id", "sentence1", "sentence2"] + (["score"] if labelled else []), sts)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return make_model_dir(tmp_path_factory.mktemp("tiny_bert"))
+
+
+@pytest.fixture
+def data_dir(tmp_path) -> Path:
+    return make_data_dir(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_tokenizer(tiny_model_dir):
+    from peft_lightning.backbone import load_tokenizer
+
+    return load_tokenizer(str(tiny_model_dir))
+
+
+def compose(overrides: list[str]):
+    """The real Hydra config from conf/, composed with overrides (as `peft-train` would)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    import peft_lightning.train  # noqa: F401  (registers the run_name resolver)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=overrides, return_hydra_config=False)
+
+
+def tiny_overrides(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "model=local",
+        f"model.source={model_dir}",
+        f"data.dir={data_dir}",
+        f"data.cache_dir={out / 'cache'}",
+        f"output_dir={out}",
+        "overrides=[]",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "optim.lr=3e-3",
+        *extra,
+    ]

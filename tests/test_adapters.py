@@ -1,0 +1,235 @@
+"""LoRA and prefix tuning: parity with PEFT, merging, counts, frozen weights, errors."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from test_encoder import inputs, pair
+from transformers import BertConfig
+
+from peft_lightning.adapters import Frozen, Full, LoRA, LoRALinear, Prefix
+from peft_lightning.encoder import BertEncoder
+
+peft = pytest.importorskip("peft")
+
+
+
+def randomise_lora(encoder: BertEncoder, seed: int = 7) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in encoder.modules():
+        if isinstance(m, LoRALinear):
+            m.lora_A.data = torch.randn(m.lora_A.shape, generator=g) * 0.1
+            m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.1
+
+
+def copy_lora_into_peft(encoder: BertEncoder, peft_model) -> int:
+    copied = 0
+    for name, m in encoder.named_modules():
+        if isinstance(m, LoRALinear):
+            target = peft_model.base_model.model.get_submodule(name)
+            target.lora_A["default"].weight.data.copy_(m.lora_A.data)
+            target.lora_B["default"].weight.data.copy_(m.lora_B.data)
+            copied += 1
+    return copied
+
+
+PEFT_CASES = [
+    (["all"], "fixed", "all-linear", 8, False),
+    (["query", "value"], "fixed", ["query", "value"], 8, False),
+    (["all"], "alpha_over_r", "all-linear", 16, False),
+    (["query", "value"], "alpha_over_r", ["query", "value"], 16, False),
+    (["all"], "rslora", "all-linear", 16, True),
+    (["query", "value"], "rslora", ["query", "value"], 16, True),
+]
+
+
+@pytest.mark.parametrize("targets,scaling,peft_targets,peft_alpha,rs", PEFT_CASES)
+@torch.no_grad()
+def test_lora_equals_peft(targets, scaling, peft_targets, peft_alpha, rs):
+    hf, ours = pair()
+    rank = 4
+    adapter = LoRA(rank=rank, targets=targets, scaling=scaling, alpha=16.0)
+    adapter.attach(ours)
+    randomise_lora(ours)
+    # fixed scaling g = 1 is PEFT's lora_alpha = r
+    alpha = rank if scaling == "fixed" else peft_alpha
+    cfg = peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=peft_targets, use_rslora=rs, lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    n = copy_lora_into_peft(ours, pm)
+    peft_names = {k for k, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
+    assert n == len(peft_names) == len(adapter.target_names)
+    ids, mask, types = inputs()
+    ref = pm(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    h = ours(ids, mask, types)
+    real = mask.bool()
+    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
+    assert torch.allclose(ours.pool(h, mask, "pooler"), ref.pooler_output, atol=1e-5)
+    # the update really is in use
+    plain = pair()[1](ids, mask, types)
+    assert (plain[real] - h[real]).abs().max() > 1e-2
+
+
+@torch.no_grad()
+def test_lora_starts_as_the_base_model_and_merges_exactly():
+    _, base = pair()
+    _, ours = pair()
+    adapter = LoRA(rank=4, scaling="rslora")
+    adapter.attach(ours)
+    ids, mask, types = inputs()
+    assert torch.allclose(ours(ids, mask, types), base(ids, mask, types), atol=1e-6)  # B = 0 at init
+    randomise_lora(ours)
+    frozen_before = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    unmerged = ours(ids, mask, types)
+    adapter.merge()
+    merged = ours(ids, mask, types)
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+    assert all(m.merged for m in adapter.layers)
+    adapter.unmerge()
+    for n, p in ours.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n  # bit-identical after merge + unmerge
+    assert torch.equal(ours(ids, mask, types), unmerged)
+
+
+def bert_base_encoder(pooler: bool = True) -> BertEncoder:
+    with torch.device("meta"):
+        return BertEncoder(BertConfig(), add_pooler=pooler)
+
+
+def trainable(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
+
+
+def test_closed_form_counts_on_bert_base_shape():
+    enc = bert_base_encoder()
+    lora = LoRA(rank=8)
+    lora.attach(enc)
+    # 12 layers x r(in+out) over q,k,v,o (768+768), intermediate (768+3072), output (3072+768), + pooler
+    assert trainable(enc) == 12 * 8 * (4 * 1536 + 3840 + 3840) + 8 * 1536 == 1_339_392
+    enc = bert_base_encoder()
+    LoRA(rank=8, targets=["query", "value"]).attach(enc)
+    assert trainable(enc) == 294_912
+    enc = bert_base_encoder()
+    LoRA(rank=64).attach(enc)
+    assert trainable(enc) == 10_715_136
+    enc = bert_base_encoder()
+    prefix = Prefix(length=4, mlp=False)
+    prefix.attach(enc)
+    assert trainable(enc, prefix) == 12 * 2 * 4 * 768 == 73_728
+    enc = bert_base_encoder()
+    prefix = Prefix(length=4, mlp=True)
+    prefix.attach(enc)
+    assert trainable(enc, prefix) == 4 * 768 + (768 * 768 + 768) + (768 * 18432 + 18432)  # PEFT's 14.8M
+    enc = bert_base_encoder(pooler=False)
+    LoRA(rank=8).attach(enc)  # include_pooler=auto: no pooler in use, none adapted
+    assert trainable(enc) == 1_327_104
+
+
+def test_count_ordering():
+    counts = {}
+    for name, make in [("frozen", Frozen), ("full", Full), ("lora", lambda: LoRA(rank=8)), ("prefix", lambda: Prefix(4, mlp=False))]:
+        enc = bert_base_encoder()
+        adapter = make()
+        adapter.attach(enc)
+        counts[name] = trainable(enc, adapter)
+    assert counts["frozen"] == 0 < counts["prefix"] < counts["lora"] < counts["full"]
+
+
+def test_lora_targets_aliases():
+    names = {}
+    for targets in (["attention"], ["ffn"], ["all"], ["re:.*layer\\.0\\..*query"]):
+        enc = bert_base_encoder(pooler=False)
+        a = LoRA(rank=2, targets=targets)
+        a.attach(enc)
+        names[targets[0]] = a.target_names
+    assert len(names["attention"]) == 48 and len(names["ffn"]) == 24 and len(names["all"]) == 72
+    assert not set(names["attention"]) & set(names["ffn"])
+    assert names["re:.*layer\\.0\\..*query"] == ["encoder.layer.0.attention.self.query"]
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: LoRA(rank=0), "rank must be an integer >= 1"),
+        (lambda: LoRA(rank=4, scaling="sqrt"), "scaling='sqrt' is unknown"),
+        (lambda: Prefix(length=0), "length must be an integer >= 1"),
+        (lambda: Prefix(length=2, mlp="yes"), "mlp must be true or false"),
+    ],
+)
+def test_adapter_option_errors(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_lora_pattern_that_matches_nothing():
+    _, ours = pair()
+    with pytest.raises(ValueError, match=r"targets=\['qkv'\] matched no linear layer"):
+        LoRA(rank=2, targets=["qkv"]).attach(ours)
+
+
+@torch.no_grad()
+def test_prefix_equals_peft_prefix_tuning():
+    hf, ours = pair(max_position_embeddings=40)
+    P = 3
+    adapter = Prefix(length=P, mlp=False)
+    adapter.attach(ours)
+    g = torch.Generator().manual_seed(11)
+    adapter.prefix_encoder.prefix.data = torch.randn(adapter.prefix_encoder.prefix.shape, generator=g)
+    cfg = peft.PrefixTuningConfig(task_type="FEATURE_EXTRACTION", num_virtual_tokens=P, prefix_projection=False)
+    ref_model = copy.deepcopy(hf)
+    # PEFT gives real tokens position ids P..P+T-1 (the prefix occupies cache positions); ours keep
+    # 0..T-1. Shift the reference's position table so both read the same embedding per token.
+    pos = ref_model.embeddings.position_embeddings.weight
+    pos.data[P:] = hf.embeddings.position_embeddings.weight.data[:-P].clone()
+    pm = peft.get_peft_model(ref_model, cfg).eval()
+    pm.prompt_encoder["default"].embedding.weight.data.copy_(adapter.prefix_encoder.prefix.data)
+    ids, mask, _ = inputs()
+    ref = pm(input_ids=ids, attention_mask=mask)
+    h = ours(ids, mask, None, prefix_kv=adapter.prefix_kv())
+    real = mask.bool()
+    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
+
+
+@torch.no_grad()
+def test_prefix_mlp_folds_to_the_same_prefixes():
+    _, ours = pair()
+    adapter = Prefix(length=2, mlp=True, mlp_hidden=16)
+    adapter.attach(ours)
+    ids, mask, types = inputs()
+    before = ours(ids, mask, types, prefix_kv=adapter.prefix_kv())
+    n_before = sum(p.numel() for p in adapter.parameters())
+    adapter.prefix_encoder.fold()
+    after = ours(ids, mask, types, prefix_kv=adapter.prefix_kv())
+    assert torch.allclose(before, after, atol=1e-6)
+    assert sum(p.numel() for p in adapter.parameters()) == 2 * 2 * 2 * 32 < n_before
+
+
+@pytest.mark.parametrize("make", [Frozen, Full, lambda: LoRA(rank=4, dropout=0.1), lambda: Prefix(2, mlp=True)])
+def test_frozen_parameters_are_bit_identical_after_steps(make):
+    torch.manual_seed(0)
+    _, ours = pair()
+    adapter = make()
+    adapter.attach(ours)
+    head = torch.nn.Linear(32, 3)
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    params = [p for p in [*ours.parameters(), *adapter.parameters(), *head.parameters()] if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.1)
+    ids, mask, types = inputs()
+    ours.train()
+    trained_before = [p.detach().clone() for p in params]
+    for _ in range(3):
+        with torch.set_grad_enabled(not adapter.freeze_encoder):
+            h = ours(ids, mask, types, prefix_kv=adapter.prefix_kv())
+        loss = head(h[:, 0]).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        adapter.merge()
+        adapter.unmerge()
+    for n, p in ours.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]), n
+    moved = [not torch.equal(a, p) for a, p in zip(trained_before, params) if p.grad is not None and p.grad.abs().sum() > 0]
+    assert moved and all(moved)

@@ -1,0 +1,223 @@
+"""Readers, bad input, the token cache, subsampling and the multi-task schedules."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+import torch
+from conftest import write_tsv
+
+from peft_lightning.data import DataError, MultiTaskDataModule, ScheduleSampler, read_split
+from peft_lightning.data import encoded as encoded_mod
+from peft_lightning.data.encoded import collate, encode_split
+from peft_lightning.tasks import TASKS
+
+
+def test_reads_tsv_with_csv_quoting(tmp_path):
+    path = tmp_path / "sst5" / "train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text('id\tsentence\tlabel\na1\t"He said ""no"" ."\t3\na2\tplain `` text \'\'\t0\n')
+    split = read_split(tmp_path, TASKS["sst5"], "train")
+    assert split.ids == ["a1", "a2"]
+    assert split.texts == [('He said "no" .',), ("plain `` text ''",)]
+    assert split.labels == [3.0, 0.0]
+
+
+def test_reads_cs224n_layout(tmp_path):
+    (tmp_path / "ids-sst-train.csv").write_text("\tid\tsentence\tsentiment\n0\tabc\tgood film\t4\n")
+    (tmp_path / "quora-dev.csv").write_text("\tid\tsentence1\tsentence2\tis_duplicate\n0\tq7\thow ?\twhy ?\t1.0\n")
+    (tmp_path / "sts-test-student.csv").write_text("\tid\tsentence1\tsentence2\n0\tt1\ta b\tc d\n")
+    sst = read_split(tmp_path, TASKS["sst5"], "train")
+    qqp = read_split(tmp_path, TASKS["qqp"], "dev")
+    sts = read_split(tmp_path, TASKS["stsb"], "test")
+    assert (sst.ids, sst.labels) == (["abc"], [4.0])
+    assert (qqp.ids, qqp.texts, qqp.labels) == (["q7"], [("how ?", "why ?")], [1.0])
+    assert (sts.ids, sts.labels) == (["t1"], None)
+
+
+def test_test_split_needs_no_labels(data_dir):
+    split = read_split(data_dir, TASKS["stsb"], "test")
+    assert split.labels is None and len(split) == 12
+
+
+BAD = [
+    ("sst5", "id\tsentence\tlabel\nx\tok\t5\n", "field 'label'", "0..4"),
+    ("sst5", "id\tsentence\tlabel\nx\tok\t-1\n", "line 2", "0..4"),
+    ("sst5", "id\tsentence\tlabel\nx\tok\t2.5\n", "field 'label'", "integer class"),
+    ("qqp", "id\tsentence1\tsentence2\tlabel\n1\ta\tb\t2\n", "field 'label'", "0 or 1"),
+    ("qqp", "id\tsentence1\tsentence2\tlabel\n1\ta\tb\tyes\n", "not a number", "0 or 1"),
+    ("stsb", "id\tsentence1\tsentence2\tscore\n1\ta\tb\thigh\n", "field 'score'", "between 0 and 5"),
+    ("stsb", "id\tsentence1\tsentence2\tscore\n1\ta\tb\tnan\n", "not finite", "between 0 and 5"),
+    ("stsb", "id\tsentence1\tsentence2\tscore\n1\ta\tb\t5.5\n", "outside 0..5", "between 0 and 5"),
+    ("stsb", "id\tsentence1\tscore\n1\ta\t3\n", "missing column(s) ['sentence2']", ":1:"),
+    ("qqp", "id\tsentence1\tsentence2\tlabel\n1\ta\tb\t0\n2\tc\td\t1\n1\te\tf\t0\n", "repeats line 2", ":4:"),
+    ("sst5", "id\tsentence\tlabel\nx\t\t1\n", "field 'sentence': empty", ":2:"),
+]
+
+
+@pytest.mark.parametrize("task,text,needle,expect", BAD)
+def test_bad_rows_name_file_line_and_field(tmp_path, task, text, needle, expect):
+    path = tmp_path / task / "train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        read_split(tmp_path, TASKS[task], "train")
+    msg = str(err.value)
+    assert str(path) in msg and needle in msg and expect in msg
+
+
+def test_empty_file_and_header_only(tmp_path):
+    path = tmp_path / "sst5" / "dev.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text("")
+    with pytest.raises(DataError, match="file is empty"):
+        read_split(tmp_path, TASKS["sst5"], "dev")
+    path.write_text("id\tsentence\tlabel\n")
+    with pytest.raises(DataError, match="no data rows"):
+        read_split(tmp_path, TASKS["sst5"], "dev")
+
+
+def test_missing_dir_and_file(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        read_split(tmp_path / "nope", TASKS["sst5"], "train")
+    (tmp_path / "sst5").mkdir()
+    with pytest.raises(DataError, match=r"sst5/train.tsv: file not found"):
+        read_split(tmp_path, TASKS["sst5"], "train")
+
+
+def test_skip_bad_rows_keeps_the_good_ones(tmp_path):
+    path = tmp_path / "qqp" / "train.tsv"
+    path.parent.mkdir(parents=True)
+    path.write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\t0\n2\t\td\t1\n3\te\tf\t7\n4\tg\th\t1\n")
+    split = read_split(tmp_path, TASKS["qqp"], "train", on_bad_row="skip")
+    assert split.ids == ["1", "4"] and len(split.skipped) == 2 and ":3:" in split.skipped[0]
+
+
+def test_token_cache_is_reused_and_keyed_by_content(data_dir, tiny_tokenizer, tmp_path, monkeypatch):
+    split = read_split(data_dir, TASKS["qqp"], "train")
+    first = encode_split(split, tiny_tokenizer, 32, "separate", tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 1
+
+    def boom(*a, **k):
+        raise AssertionError("tokenised again although cached")
+
+    monkeypatch.setattr(encoded_mod, "_tokenise", boom)
+    again = encode_split(split, tiny_tokenizer, 32, "separate", tmp_path / "c")
+    assert all(torch.equal(a.ids, b.ids) for a, b in zip(first.segments, again.segments))
+    with pytest.raises(AssertionError, match="tokenised again"):  # another max length is another key
+        encode_split(split, tiny_tokenizer, 16, "separate", tmp_path / "c")
+    monkeypatch.undo()
+    # a changed file is another key too
+    path = data_dir / "qqp" / "train.tsv"
+    path.write_text(path.read_text().replace("\t0\n", "\t1\n", 1))
+    encode_split(read_split(data_dir, TASKS["qqp"], "train"), tiny_tokenizer, 32, "separate", tmp_path / "c")
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 3
+
+
+def test_encodings_separate_and_cross(data_dir, tiny_tokenizer):
+    split = read_split(data_dir, TASKS["stsb"], "dev")
+    sep = encode_split(split, tiny_tokenizer, 32, "separate", None)
+    cross = encode_split(split, tiny_tokenizer, 32, "cross", None)
+    assert len(sep.segments) == 2 and len(cross.segments) == 1
+    batch = collate(cross, [0, 3])
+    enc = batch["inputs"][0]
+    row = enc["input_ids"][0][enc["attention_mask"][0].bool()].tolist()
+    cls, sep_id = tiny_tokenizer.cls_token_id, tiny_tokenizer.sep_token_id
+    assert row[0] == cls and row.count(sep_id) == 2
+    assert enc["token_type_ids"][0].max() == 1  # second sentence has segment 1
+    b = collate(sep, [0, 1, 2])
+    assert b["labels"].shape == (3,) and b["index"].tolist() == [0, 1, 2]
+    for enc in b["inputs"]:  # dynamic padding: width is the longest row, padded with 0
+        lens = enc["attention_mask"].sum(1)
+        assert enc["input_ids"].shape[1] == int(lens.max())
+        assert (enc["input_ids"][enc["attention_mask"] == 0] == 0).all()
+
+
+def test_limit_train_is_seeded(data_dir, tiny_tokenizer, tmp_path):
+    def rows(seed):
+        dm = MultiTaskDataModule(data_dir, tiny_tokenizer, limit_train=10, seed=seed, cache_dir=tmp_path)
+        dm.setup()
+        return {t: dm.split(t, "train").ids for t in dm.task_names}
+
+    a, b, c = rows(1), rows(1), rows(2)
+    assert a == b and a != c and all(len(v) == 10 for v in a.values())
+
+
+def keys_of(sampler, epoch):
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+SIZES = {"sst5": 20, "qqp": 50, "stsb": 9}
+BS = {"sst5": 4, "qqp": 8, "stsb": 3}  # batches per pass: 5, 7, 3
+
+
+def test_joint_schedule_covers_the_largest_task_and_cycles_the_rest():
+    s = ScheduleSampler(SIZES, BS, "joint", seed=3)
+    keys = keys_of(s, 0)
+    assert len(keys) == len(s) == 7
+    assert all([t for t, _ in k] == ["sst5", "qqp", "stsb"] for k in keys)
+    qqp_rows = [r for k in keys for t, rows in k if t == "qqp" for r in rows]
+    assert sorted(qqp_rows) == list(range(50))  # every row exactly once
+    sst_rows = Counter(r for k in keys for t, rows in k if t == "sst5" for r in rows)
+    assert set(sst_rows) == set(range(20))  # smaller task cycles: every row seen, some twice
+    assert all(len(rows) <= BS[t] for k in keys for t, rows in k)
+
+
+def test_round_robin_alternates_tasks():
+    s = ScheduleSampler(SIZES, BS, "round_robin", seed=0)
+    keys = keys_of(s, 0)
+    assert len(keys) == 21
+    assert [k[0][0] for k in keys[:6]] == ["sst5", "qqp", "stsb"] * 2
+    stsb = [r for k in keys for t, rows in k if t == "stsb" for r in rows]
+    assert set(stsb) == set(range(9)) and len(stsb) >= 9
+
+
+@pytest.mark.parametrize("schedule,temp", [("proportional", 1.0), ("temperature", 1e6)])
+def test_sampled_schedules_follow_their_probabilities(schedule, temp):
+    big = {"sst5": 800, "qqp": 3200, "stsb": 400}
+    s = ScheduleSampler(big, dict.fromkeys(big, 4), schedule, temperature=temp, seed=0)
+    keys = keys_of(s, 0)
+    assert len(keys) == 200 + 800 + 100
+    share = Counter(k[0][0] for k in keys)
+    if schedule == "proportional":
+        expected = {"sst5": 0.2, "qqp": 0.8 * 4 / 4.4 * 1.1, "stsb": 0.1}
+        assert s.task_probabilities() == pytest.approx({"sst5": 800 / 4400, "qqp": 3200 / 4400, "stsb": 400 / 4400})
+        assert share["qqp"] / len(keys) == pytest.approx(3200 / 4400, abs=0.05)
+        del expected
+    else:  # very high temperature: uniform
+        assert all(v == pytest.approx(1 / 3, abs=1e-3) for v in s.task_probabilities().values())
+        assert all(abs(share[t] / len(keys) - 1 / 3) < 0.06 for t in big)
+
+
+@pytest.mark.parametrize("schedule", ["joint", "round_robin", "proportional", "temperature"])
+def test_schedules_are_seeded_per_epoch(schedule):
+    s = ScheduleSampler(SIZES, BS, schedule, seed=5)
+    assert keys_of(s, 0) == keys_of(s, 0)
+    assert keys_of(s, 0) != keys_of(s, 1)
+    other = ScheduleSampler(SIZES, BS, schedule, seed=6)
+    assert keys_of(s, 2) != keys_of(other, 2)
+
+
+def test_unknown_schedule_is_rejected():
+    with pytest.raises(ValueError, match="data.schedule='mixed' is unknown"):
+        ScheduleSampler(SIZES, BS, "mixed")
+
+
+def test_datamodule_batches(data_dir, tiny_tokenizer, tmp_path):
+    dm = MultiTaskDataModule(data_dir, tiny_tokenizer, batch_size={"sst5": 4, "qqp": 8, "stsb": 2}, cache_dir=tmp_path)
+    dm.setup()
+    steps = list(dm.train_dataloader())
+    assert len(steps) == 24  # stsb: 48 rows / 2
+    first = steps[0]
+    assert set(first) == {"sst5", "qqp", "stsb"}
+    assert first["sst5"]["labels"].shape == (4,) and len(first["sst5"]["inputs"]) == 1
+    assert first["qqp"]["labels"].shape == (8,) and len(first["qqp"]["inputs"]) == 2
+    dev = [b for dl in dm.val_dataloader() for b in dl]
+    assert sum(len(b[t]["index"]) for b in dev for t in b) == 3 * 16
+
+
+def test_write_tsv_helper_roundtrip(tmp_path):
+    write_tsv(tmp_path / "sst5" / "train.tsv", ["id", "sentence", "label"], [["a", 'say "hi"', 1]])
+    assert read_split(tmp_path, TASKS["sst5"], "train").texts == [('say "hi"',)]

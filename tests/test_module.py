@@ -1,0 +1,164 @@
+"""The LightningModule and whole runs on the tiny model: heads, fast_dev_run, checkpoints,
+resume, results.json and predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import compose, tiny_overrides
+
+from peft_lightning.adapters import LoRA, Prefix
+from peft_lightning.backbone import load_backbone
+from peft_lightning.data import MultiTaskDataModule
+from peft_lightning.heads import build_heads
+from peft_lightning.module import MultiTaskModule
+from peft_lightning.tasks import get_tasks
+from peft_lightning.train import train
+
+ADAPTERS = ["frozen", "full", "lora", "prefix"]
+
+
+def test_head_shapes():
+    heads = build_heads(get_tasks(None), hidden=16)
+    u, v = torch.randn(5, 16), torch.randn(5, 16)
+    assert heads["sst5"]([u]).shape == (5, 5)
+    assert heads["qqp"]([u, v]).shape == (5, 2)
+    assert heads["stsb"]([u, v]).shape == (5,)
+    lin = [m for m in heads["sst5"].modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in lin] == [16, 16]  # 2-layer MLP on the pooled vector
+    lin = [m for m in heads["qqp"].modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.in_features for m in lin] == [32, 16, 16]  # 3-layer MLP on [u; v]
+    cross = build_heads(get_tasks(["qqp"]), hidden=16, pair_encoding="cross")
+    assert cross["qqp"]([u]).shape == (5, 2)
+    cos = build_heads(get_tasks(["stsb"]), hidden=16, sts_head="cosine")
+    assert torch.allclose(cos["stsb"]([u, u]), torch.full((5,), 5.0), atol=1e-5)
+    with pytest.raises(ValueError, match="cosine needs data.pair_encoding=separate"):
+        build_heads(get_tasks(["stsb"]), hidden=16, pair_encoding="cross", sts_head="cosine")
+
+
+def run(tiny_model_dir, data_dir, out, *extra):
+    return train(compose(tiny_overrides(tiny_model_dir, data_dir, out, *extra)))
+
+
+@pytest.mark.parametrize("adapter", ADAPTERS)
+def test_fast_dev_run_per_strategy(tiny_model_dir, data_dir, tmp_path, adapter):
+    res = run(tiny_model_dir, data_dir, tmp_path / adapter, f"adapter={adapter}", "+trainer.fast_dev_run=true")
+    assert res["status"] == "complete" and res["steps"] == 1
+    p = res["params"]
+    assert p["with_heads"]["trainable"] - p["encoder"]["trainable"] == p["heads"] > 0
+    if adapter == "frozen":
+        assert p["encoder"]["trainable"] == 0
+    if adapter == "full":
+        assert p["encoder"]["trainable"] == p["encoder"]["total"]
+
+
+def read_tsv(path):
+    with open(path, newline="") as f:
+        return list(csv.reader(f, delimiter="\t"))
+
+
+def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run(tiny_model_dir, data_dir, out, "adapter=lora", "adapter.rank=2", "trainer.max_epochs=2")
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["status"] == "complete" and on_disk == json.loads(json.dumps(res, default=float))
+    assert [h["epoch"] for h in res["history"]] == [1, 2]
+    for h in res["history"]:
+        assert set(h["dev"]) == {"sst5", "qqp", "stsb"} == set(h["train"])
+        assert set(h["dev"]["qqp"]) == {"acc", "f1"} and set(h["dev"]["stsb"]) == {"pearson", "spearman"}
+        avg = (h["dev"]["sst5"]["acc"] + h["dev"]["qqp"]["acc"] + h["dev"]["stsb"]["pearson"]) / 3
+        assert h["dev_avg"] == pytest.approx(avg)
+    assert res["best"]["dev_avg"] == max(h["dev_avg"] for h in res["history"])
+    assert res["adapter"]["name"] == "lora" and res["adapter"]["rank"] == 2
+    assert res["steps"] == 2 * 6 and res["step_time_ms"] > 0 and res["peak_memory_mb"] > 0
+    assert res["params"]["encoder"]["trainable"] == sum(2 * (i + o) for i, o in lora_shapes(res))
+    for task, id_col in (("sst5", 0), ("qqp", 0), ("stsb", 0)):
+        for split, n in (("dev", 16), ("test", 12)):
+            rows = read_tsv(out / "predictions" / f"{task}-{split}.tsv")
+            src = read_tsv(data_dir / task / f"{split}.tsv")
+            assert rows[0] == ["id", "prediction"] and len(rows) == n + 1
+            assert [r[0] for r in rows[1:]] == [r[id_col] for r in src[1:]]
+            if task == "stsb":
+                float(rows[1][1])
+            else:
+                assert {int(r[1]) for r in rows[1:]} <= set(range(5 if task == "sst5" else 2))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(".lora_" in k or k.startswith("heads.") for k in keys)  # only what trains
+    assert ckpt["peft_lightning"]["identity"]["adapter"]["name"] == "lora"
+
+
+def lora_shapes(res):
+    # tiny model: hidden 32, intermediate 64, 2 layers; pooling=cls so no pooler
+    per_layer = [(32, 32)] * 4 + [(32, 64), (64, 32)]
+    return per_layer * 2
+
+
+def test_dev_predictions_match_best_checkpoint_metrics(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    res = run(tiny_model_dir, data_dir, out, "adapter=full", "trainer.max_epochs=2")
+    rows = read_tsv(out / "predictions" / "sst5-dev.tsv")[1:]
+    gold = {r[0]: int(r[2]) for r in read_tsv(data_dir / "sst5" / "dev.tsv")[1:]}
+    acc = sum(int(p) == gold[i] for i, p in rows) / len(rows)
+    assert acc == pytest.approx(res["best"]["dev"]["sst5"]["acc"])
+
+
+def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, data_dir, tmp_path):
+    args = ("adapter=lora", "adapter.dropout=0.1", "optim.lr=1e-2", "trainer.deterministic=true")
+    full = run(tiny_model_dir, data_dir, tmp_path / "a", *args, "trainer.max_epochs=3")
+    # an interrupted run: two epochs done and checkpointed, then killed (results.json still 'running')
+    out = tmp_path / "b"
+    run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=2")
+    res = json.loads((out / "results.json").read_text())
+    res["status"] = "running"
+    (out / "results.json").write_text(json.dumps(res))
+    resumed = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3", "ckpt_path=last")
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for a, b in zip(full["history"], resumed["history"]):
+        for part in ("dev", "train"):
+            flat_a = {(t, m): v for t, ms in a[part].items() for m, v in ms.items()}
+            flat_b = {(t, m): v for t, ms in b[part].items() for m, v in ms.items()}
+            assert flat_a == pytest.approx(flat_b, abs=1e-6)
+    # a complete run is not run again
+    again = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3")
+    assert again == json.loads((out / "results.json").read_text())
+
+
+def build(tiny_model_dir, adapter, seed=0, fuse=False):
+    bb = load_backbone(str(tiny_model_dir), "cls", random_init=seed != 0, seed=seed)
+    return MultiTaskModule(bb.encoder, adapter, pooling="cls", identity=bb.identity, fuse_passes=fuse), bb
+
+
+def test_checkpoint_of_another_adapter_or_backbone_is_refused(tiny_model_dir, data_dir, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_model_dir, data_dir, out, "adapter=lora", "+trainer.max_steps=2", "trainer.max_epochs=1")
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    module, _ = build(tiny_model_dir, Prefix(2))
+    with pytest.raises(ValueError, match="adapter: checkpoint has .*'lora'.*this run has .*'prefix'"):
+        module.on_load_checkpoint(ckpt)
+    module, _ = build(tiny_model_dir, LoRA(rank=4))
+    with pytest.raises(ValueError, match="adapter: checkpoint has .*'rank': 8"):
+        module.on_load_checkpoint(ckpt)
+    other, _ = build(tiny_model_dir, LoRA(rank=8), seed=3)  # same shape, other weights
+    with pytest.raises(ValueError, match="backbone: checkpoint has"):
+        other.on_load_checkpoint(ckpt)
+    same, _ = build(tiny_model_dir, LoRA(rank=8))
+    same.on_load_checkpoint(ckpt)  # the matching module accepts it
+
+
+def test_fused_passes_give_the_same_losses(tiny_model_dir, data_dir, tmp_path):
+    plain, bb = build(tiny_model_dir, LoRA(rank=4))
+    fused, _ = build(tiny_model_dir, LoRA(rank=4), fuse=True)
+    fused.load_state_dict(plain.state_dict())
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    plain.eval(), fused.eval()
+    a, b = plain(batch), fused(batch)
+    for task in a:
+        la = plain.loss(task, a[task], batch[task]["labels"])
+        lb = fused.loss(task, b[task], batch[task]["labels"])
+        assert torch.allclose(la, lb, atol=1e-5), task
