@@ -27,7 +27,11 @@ class BertEmbeddings(nn.Module):
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
         pos = torch.arange(T, device=input_ids.device)
-        h = self.word_embeddings(input_ids) + self.position_embeddings(pos)[None] + self.token_type_embeddings(token_type_ids)
+        h = (
+            self.word_embeddings(input_ids)
+            + self.position_embeddings(pos)[None]
+            + self.token_type_embeddings(token_type_ids)
+        )
         return self.dropout(self.LayerNorm(h))  # (B, T, hidden)
 
 
@@ -40,14 +44,57 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
+        self.fuse_qkv = True
+        self._frozen_qkv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+
+    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v projections; one GEMM for the three (and one for their LoRA A's) when fusable.
+
+        The three layers share their input, so [Wq; Wk; Wv] x is one (3h x h) product instead of
+        three; with LoRA, [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
+        back to the three modules when they differ in kind (LoRA on some only) or use LoRA dropout.
+        """
+        mods = (self.query, self.key, self.value)
+        loras = [m for m in mods if hasattr(m, "lora_A")]
+        fusable = self.fuse_qkv and (
+            not loras
+            or (
+                len(loras) == 3
+                and len({(m.rank, m.scale, m.merged) for m in loras}) == 1
+                and not hasattr(loras[0].dropout, "p")
+            )
+        )
+        if not fusable:
+            return self.query(h), self.key(h), self.value(h)
+        bases = [getattr(m, "base", m) for m in mods]
+        weight, bias = self._stacked(bases)
+        out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
+        if loras and not loras[0].merged:
+            a = F.linear(h, torch.cat([m.lora_A for m in loras]))  # (B, T, 3r)
+            out = out + F.linear(a, torch.block_diag(*[m.lora_B for m in loras])) * loras[0].scale
+        return out.chunk(3, dim=-1)
+
+    def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        params = [p for b in bases for p in (b.weight, b.bias)]
+        if any(p.requires_grad for p in params):
+            return torch.cat([b.weight for b in bases]), torch.cat([b.bias for b in bases])
+        # frozen: stack once, again only if a weight changed in place (LoRA merge / unmerge, loading)
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+        if self._frozen_qkv is None or self._frozen_qkv[0] != key:
+            self._frozen_qkv = (
+                key,
+                torch.cat([b.weight for b in bases]).detach(),
+                torch.cat([b.bias for b in bases]).detach(),
+            )
+        return self._frozen_qkv[1], self._frozen_qkv[2]
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, prefix_kv: PrefixKV | None) -> torch.Tensor:
         B, T, _ = h.shape
 
         def split_heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
+            return x.reshape(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
 
-        q, k, v = split_heads(self.query(h)), split_heads(self.key(h)), split_heads(self.value(h))
+        q, k, v = (split_heads(x) for x in self.project_qkv(h))
         if prefix_kv is not None:
             pk, pv = prefix_kv
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, heads, P+T, head_dim)

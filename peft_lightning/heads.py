@@ -2,7 +2,8 @@
 
 - SST-5: pooled vector -> 2-layer MLP -> 5 logits.
 - QQP: both sentences encoded separately, [u; v] -> 3-layer MLP -> 2 logits
-  (with cross encoding the one pooled pair vector is the input).
+  (with cross encoding the one pooled pair vector is the input). `pair_features=sbert` feeds
+  [u; v; |u - v|; u * v] instead (Sentence-BERT's features), which makes similarity easy to learn.
 - STS-B: same input as QQP -> 3-layer MLP -> one score; or `cosine`: 5 * cos(u, v), no parameters.
 """
 
@@ -33,24 +34,43 @@ class CosineHead(nn.Module):
         return 5.0 * F.cosine_similarity(u, v, dim=-1)
 
 
-class TaskHead(nn.Module):
-    """An MLP tower over the pooled vector(s) of one task; pairs are concatenated first."""
+PAIR_FEATURES = ("concat", "sbert")
 
-    def __init__(self, task: Task, hidden: int, n_inputs: int, dropout: float):
+
+def pair_input(pooled: list[torch.Tensor], features: str) -> torch.Tensor:
+    if len(pooled) == 2 and features == "sbert":
+        u, v = pooled
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1)  # (B, 4 * hidden)
+    return torch.cat(pooled, dim=-1)  # (B, n * hidden)
+
+
+class TaskHead(nn.Module):
+    """An MLP tower over the pooled vector(s) of one task; pairs are combined by `pair_input`."""
+
+    def __init__(self, task: Task, hidden: int, n_inputs: int, dropout: float, pair_features: str = "concat"):
         super().__init__()
-        depth = [hidden * n_inputs, hidden] if task.kind == "single" else [hidden * n_inputs, hidden, hidden]
+        width = hidden * (4 if n_inputs == 2 and pair_features == "sbert" else n_inputs)
+        depth = [width, hidden] if task.kind == "single" else [width, hidden, hidden]
         self.net = mlp([*depth, task.num_labels], dropout)
         self.regression = task.is_regression
+        self.pair_features = pair_features
 
     def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
-        out = self.net(torch.cat(pooled, dim=-1))
+        out = self.net(pair_input(pooled, self.pair_features))
         return out.squeeze(-1) if self.regression else out  # (B,) score or (B, classes)
 
 
 def build_heads(
-    tasks: list[Task], hidden: int, pair_encoding: str = "separate", sts_head: str = "mlp", dropout: float = 0.1
+    tasks: list[Task],
+    hidden: int,
+    pair_encoding: str = "separate",
+    sts_head: str = "mlp",
+    dropout: float = 0.1,
+    pair_features: str = "concat",
 ) -> nn.ModuleDict:
     """One head per task, keyed by task name."""
+    if pair_features not in PAIR_FEATURES:
+        raise ValueError(f"model.pair_features={pair_features!r} is unknown; expected concat or sbert")
     if sts_head not in ("mlp", "cosine"):
         raise ValueError(f"model.sts_head={sts_head!r} is unknown; expected mlp or cosine")
     if sts_head == "cosine" and pair_encoding != "separate":
@@ -61,5 +81,5 @@ def build_heads(
         if task.name == "stsb" and sts_head == "cosine":
             heads[task.name] = CosineHead()
         else:
-            heads[task.name] = TaskHead(task, hidden, n_inputs, dropout)
+            heads[task.name] = TaskHead(task, hidden, n_inputs, dropout, pair_features)
     return heads

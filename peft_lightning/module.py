@@ -36,8 +36,12 @@ class MultiTaskModule(L.LightningModule):
         pooling: `pooler`, `cls` or `mean` sentence vector.
         pair_encoding: `separate` or `cross` (must match the data module).
         sts_head: `mlp` or `cosine`.
+        pair_features: `concat` ([u; v], the study) or `sbert` ([u; v; |u-v|; u*v]) for pair heads.
         head_dropout: dropout inside the heads.
-        lr, weight_decay, betas, eps: AdamW settings (no decay on biases and LayerNorm weights).
+        lr: learning rate of encoder weights (full fine-tuning); the study's 1e-5.
+        adapter_lr: learning rate of adapter parameters (LoRA A/B, prefixes); None means `lr`.
+        head_lr: learning rate of the task heads; None means `lr`.
+        weight_decay, betas, eps: AdamW settings (no decay on biases and LayerNorm weights).
         lr_schedule: `constant`, `linear` or `cosine` decay after warmup.
         warmup_ratio: fraction of all steps with linear warmup.
         seed: reseeds dropout at every epoch start, so an epoch is reproducible after a resume.
@@ -54,7 +58,10 @@ class MultiTaskModule(L.LightningModule):
         pair_encoding: str = "separate",
         sts_head: str = "mlp",
         head_dropout: float = 0.1,
+        pair_features: str = "concat",
         lr: float = 1e-5,
+        adapter_lr: float | None = None,
+        head_lr: float | None = None,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
@@ -71,10 +78,19 @@ class MultiTaskModule(L.LightningModule):
         self.encoder, self.adapter = encoder, adapter
         adapter.attach(encoder)
         self.pooling, self.pair_encoding, self.fuse_passes = pooling, pair_encoding, fuse_passes
-        self.heads = build_heads(get_tasks(self.task_names), encoder.config.hidden_size, pair_encoding, sts_head, head_dropout)
+        self.heads = build_heads(
+            get_tasks(self.task_names), encoder.config.hidden_size, pair_encoding, sts_head, head_dropout, pair_features
+        )
         self.train_metrics = nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
         self.val_metrics = nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
-        self.optim = {"lr": lr, "weight_decay": weight_decay, "betas": tuple(betas), "eps": eps}
+        self.optim = {
+            "lr": lr,
+            "adapter_lr": adapter_lr,
+            "head_lr": head_lr,
+            "weight_decay": weight_decay,
+            "betas": tuple(betas),
+            "eps": eps,
+        }
         self.lr_schedule, self.warmup_ratio, self.seed = lr_schedule, warmup_ratio, seed
         self.identity = {
             "adapter": adapter.describe(),
@@ -83,8 +99,13 @@ class MultiTaskModule(L.LightningModule):
             "pooling": pooling,
             "pair_encoding": pair_encoding,
             "sts_head": sts_head,
+            "pair_features": pair_features,
         }
         self.history: list[dict] = []
+        # dev predictions of the best epoch so far: (task -> (row index, prediction)); these are the
+        # best checkpoint's dev predictions, so the run needs no second pass over dev at the end
+        self.best_dev_predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._val_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.strict_loading = False  # checkpoints hold only what trains
 
     # ---- forward -------------------------------------------------------------------------
@@ -145,7 +166,9 @@ class MultiTaskModule(L.LightningModule):
             labels = batch[task]["labels"]
             loss = self.loss(task, out, labels)
             total = total + loss
-            self.train_metrics[task].update(self.prediction(task, out.detach()), labels.long() if not TASKS[task].is_regression else labels)
+            self.train_metrics[task].update(
+                self.prediction(task, out.detach()), labels.long() if not TASKS[task].is_regression else labels
+            )
             self.log(f"train/{task}/loss", loss.detach(), prog_bar=True, batch_size=labels.shape[0])
         self.log("train/loss", total.detach(), batch_size=1)
         return total
@@ -154,7 +177,10 @@ class MultiTaskModule(L.LightningModule):
         for task, out in self(batch).items():
             labels = batch[task]["labels"]
             target = labels if TASKS[task].is_regression else labels.long()
-            self.val_metrics[task].update(self.prediction(task, out), target)
+            pred = self.prediction(task, out)
+            self.val_metrics[task].update(pred, target)
+            if not self.trainer.sanity_checking:
+                self._val_outputs.setdefault(task, []).append((batch[task]["index"].detach(), pred.detach()))
 
     def predict_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> dict:
         ((task, out),) = self(batch).items()
@@ -170,6 +196,7 @@ class MultiTaskModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         self.adapter.unmerge()
         dev = self._compute("val")
+        outputs, self._val_outputs = self._val_outputs, {}
         if self.trainer.sanity_checking:
             return
         train = self._compute("train")
@@ -181,6 +208,11 @@ class MultiTaskModule(L.LightningModule):
             flat["train/avg"] = record["train_avg"]
         self.log_dict({k: v for k, v in flat.items() if v is not None and not math.isnan(v)}, prog_bar=False)
         self.log("val/avg", record["dev_avg"], prog_bar=True)
+        best = max((h["dev_avg"] for h in self.history if h.get("dev_avg") is not None), default=None)
+        if record["dev_avg"] is not None and (best is None or record["dev_avg"] > best):
+            self.best_dev_predictions = {
+                t: (torch.cat([i for i, _ in v]).cpu(), torch.cat([p for _, p in v]).cpu()) for t, v in outputs.items()
+            }
         self.history.append(record)
 
     def _compute(self, stage: str) -> dict[str, dict[str, float]]:
@@ -200,14 +232,22 @@ class MultiTaskModule(L.LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
+        groups = []
+        for part, lr in self.param_parts():
+            decay, no_decay = [], []
+            for name, p in part:
                 (decay if p.ndim >= 2 and "LayerNorm" not in name else no_decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-        fused = self.device.type == "cuda"
+            groups += [
+                {"params": decay, "lr": lr, "weight_decay": self.optim["weight_decay"]},
+                {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+            ]
+        fused = self.device.type in ("cuda", "cpu")  # one kernel per step instead of per-tensor ops
         opt = torch.optim.AdamW(
-            [g for g in groups if g["params"]], lr=self.optim["lr"], betas=self.optim["betas"], eps=self.optim["eps"], fused=fused
+            [g for g in groups if g["params"]],
+            lr=self.optim["lr"],
+            betas=self.optim["betas"],
+            eps=self.optim["eps"],
+            fused=fused,
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(self.warmup_ratio * total)
@@ -224,6 +264,23 @@ class MultiTaskModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def param_parts(self) -> list[tuple[list[tuple[str, nn.Parameter]], float]]:
+        """Trainable parameters split into encoder weights, adapter parameters and heads, with their lr."""
+        lr = self.optim["lr"]
+        adapter_lr = self.optim["adapter_lr"] if self.optim["adapter_lr"] is not None else lr
+        head_lr = self.optim["head_lr"] if self.optim["head_lr"] is not None else lr
+        encoder, adapter, heads = [], [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name.startswith("heads."):
+                heads.append((name, p))
+            elif name.startswith("adapter.") or ".lora_" in name:
+                adapter.append((name, p))
+            else:
+                encoder.append((name, p))
+        return [(encoder, lr), (adapter, adapter_lr), (heads, head_lr)]
 
     # ---- checkpoints ---------------------------------------------------------------------
     def trainable_keys(self) -> set[str]:
@@ -270,7 +327,7 @@ def average(scores: dict[str, dict[str, float]]) -> float | None:
 def check_identity(saved: dict, current: dict) -> None:
     """Raise if a checkpoint was trained with another adapter, backbone, or head setup."""
     diffs = []
-    for key in ("adapter", "backbone", "tasks", "pooling", "pair_encoding", "sts_head"):
+    for key in ("adapter", "backbone", "tasks", "pooling", "pair_encoding", "sts_head", "pair_features"):
         a, b = saved.get(key), current.get(key)
         if a != b:
             diffs.append(f"{key}: checkpoint has {a}, this run has {b}")

@@ -126,34 +126,41 @@ class ResultsWriter(L.Callback):
         return out
 
 
-def write_predictions(run_dir: str | Path, datamodule, outputs: list[list[dict]] | list[dict]) -> dict[str, str]:
-    """Write `predictions/{task}-{split}.tsv` (id, prediction) from `trainer.predict` outputs."""
-    targets = datamodule.predict_targets()
+def collect_predictions(datamodule, targets: list[tuple[str, str]], outputs) -> dict[tuple[str, str], list]:
+    """Per (task, split), predictions in row order from `trainer.predict` outputs."""
     if targets and outputs and isinstance(outputs[0], dict):
-        outputs = [outputs]
-    folder = Path(run_dir) / "predictions"
-    written = {}
+        outputs = [outputs]  # a single dataloader returns a flat list
+    preds = {}
     for (task, split), batches in zip(targets, outputs):
+        index = torch.cat([b["index"] for b in batches])
+        values = torch.cat([b["prediction"] for b in batches])
+        preds[(task, split)] = in_row_order(len(datamodule.split(task, split)), index, values, f"{task}-{split}")
+    return preds
+
+
+def in_row_order(n: int, index: torch.Tensor, values: torch.Tensor, what: str) -> list:
+    out: list = [None] * n
+    for i, p in zip(index.tolist(), values.tolist()):
+        out[i] = p
+    missing = sum(p is None for p in out)
+    if missing:
+        raise RuntimeError(f"{what}: {missing} of {n} rows have no prediction")
+    return out
+
+
+def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, str], list]) -> dict[str, str]:
+    """Write `predictions/{task}-{split}.tsv` with columns id and prediction, ids as in the input."""
+    folder = Path(run_dir) / "predictions"
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for (task, split), values in sorted(preds.items()):
         data = datamodule.split(task, split)
-        preds: list = [None] * len(data)
-        for b in batches:
-            for i, p in zip(b["index"].tolist(), b["prediction"].tolist()):
-                preds[i] = p
-        missing = sum(p is None for p in preds)
-        if missing:
-            raise RuntimeError(f"{task}-{split}: {missing} rows have no prediction")
         lines = [["id", "prediction"]]
-        for id_, p in zip(data.ids, preds):
-            lines.append([id_, f"{p:.6f}" if isinstance(p, float) else str(int(p))])
+        lines += [[id_, f"{p:.6f}" if isinstance(p, float) else str(int(p))] for id_, p in zip(data.ids, values)]
         path = folder / f"{task}-{split}.tsv"
-        fd, tmp = tempfile.mkstemp(dir=folder if folder.exists() else _mk(folder), suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w", newline="") as f:
             csv.writer(f, delimiter="\t", lineterminator="\n").writerows(lines)
         os.replace(tmp, path)
         written[f"{task}-{split}"] = str(path.relative_to(run_dir))
     return written
-
-
-def _mk(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder

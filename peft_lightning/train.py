@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+from contextlib import ExitStack
 from pathlib import Path
 
 import hydra
@@ -24,8 +25,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.backbone import load_backbone
 from peft_lightning.data import DataError, MultiTaskDataModule
+from peft_lightning.gpus import gpu_slot
 from peft_lightning.module import MultiTaskModule
-from peft_lightning.results import ResultsWriter, atomic_write_text, is_complete, read_results, write_predictions
+from peft_lightning.results import (
+    ResultsWriter,
+    atomic_write_text,
+    collect_predictions,
+    in_row_order,
+    is_complete,
+    read_results,
+    write_predictions,
+)
 
 log = logging.getLogger("peft_lightning")
 
@@ -44,6 +54,27 @@ def _run_name(dirname: str) -> str:
 
 
 OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+OmegaConf.register_new_resolver("join", lambda xs: ",".join(str(x) for x in xs), replace=True)
+
+
+def build_adapter(adapter_cfg: DictConfig):
+    """Instantiate `adapter=...`; an unknown option or bad value becomes one clear ValueError."""
+    import inspect
+
+    from hydra.errors import InstantiationException
+    from hydra.utils import get_class
+
+    target = adapter_cfg.get("_target_")
+    cls = get_class(target)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = [k for k in adapter_cfg if k != "_target_" and k not in accepted]
+    if unknown:
+        raise ValueError(f"adapter.{unknown[0]} is not an option of {cls.__name__}; options are {accepted}")
+    try:
+        return instantiate(adapter_cfg, _convert_="all")
+    except InstantiationException as err:
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ValueError(str(cause)) from err
 
 
 def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -117,7 +148,7 @@ def train(cfg: DictConfig) -> dict:
     data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
     data_dir = to_absolute_path(data_kwargs.pop("dir"))
     dm = MultiTaskDataModule(data_dir, backbone.tokenizer, seed=cfg.seed, **data_kwargs)
-    adapter = instantiate(cfg.adapter)
+    adapter = build_adapter(cfg.adapter)
     module = MultiTaskModule(
         backbone.encoder,
         adapter,
@@ -126,7 +157,10 @@ def train(cfg: DictConfig) -> dict:
         pair_encoding=cfg.data.pair_encoding,
         sts_head=cfg.model.sts_head,
         head_dropout=cfg.model.head_dropout,
+        pair_features=cfg.model.pair_features,
         lr=cfg.optim.lr,
+        adapter_lr=cfg.optim.adapter_lr,
+        head_lr=cfg.optim.head_lr,
         weight_decay=cfg.optim.weight_decay,
         lr_schedule=cfg.optim.lr_schedule,
         warmup_ratio=cfg.optim.warmup_ratio,
@@ -149,36 +183,63 @@ def train(cfg: DictConfig) -> dict:
     }
     writer = ResultsWriter(run_dir, meta)
     ckpt_cb = ModelCheckpoint(
-        dirpath=run_dir / "checkpoints", filename="best", monitor="val/avg", mode="max", save_last=True, save_top_k=1,
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/avg",
+        mode="max",
+        save_last=True,
+        save_top_k=1,
         enable_version_counter=False,
     )
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     tcfg["precision"] = precision_for(tcfg.get("precision", "auto"), tcfg.get("accelerator", "auto"))
-    trainer = L.Trainer(
-        default_root_dir=str(run_dir),
-        logger=build_loggers(cfg, run_dir, run_name, adapter.name) or False,
-        callbacks=[ckpt_cb, writer],
-        **tcfg,
-    )
     ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
+    with ExitStack() as stack:
+        if use_gpu_lock(cfg):
+            gpu = stack.enter_context(gpu_slot(torch.cuda.device_count(), cfg.gpus.jobs_per_gpu, cfg.gpus.lock_dir))
+            log.info("job pinned to GPU %d", gpu)
+            tcfg.update(accelerator="gpu", devices=[gpu])
+        return fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, adapter.name, ckpt)
+
+
+def use_gpu_lock(cfg: DictConfig) -> bool:
+    lock = cfg.gpus.lock
+    if lock == "auto":
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+        return bool(multirun and torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"))
+    return bool(lock)
+
+
+def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, adapter_name, ckpt) -> dict:
+    trainer = L.Trainer(
+        default_root_dir=str(run_dir),
+        logger=build_loggers(cfg, run_dir, run_name, adapter_name) or False,
+        callbacks=[ckpt_cb, writer],
+        **tcfg,
+    )
     try:
         trainer.fit(module, dm, ckpt_path=ckpt)
         if trainer.interrupted:
             raise KeyboardInterrupt
         extra = {}
         if cfg.predict:
-            best = ckpt_cb.best_model_path if ckpt_cb.best_model_path else None
-            outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(), ckpt_path=best)
-            extra["predictions"] = write_predictions(run_dir, dm, outputs)
-            extra["predicted_from"] = Path(best).name if best else "last weights"
+            extra.update(predict(trainer, module, dm, ckpt_cb.best_model_path or None, run_dir))
         result = writer.write(trainer, module, status="complete", **extra)
     except KeyboardInterrupt:
         writer.write(trainer, module, status="interrupted")
         raise
     except Exception as err:
-        writer.write(trainer, module, status="failed", error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        writer.write(
+            trainer,
+            module,
+            status="failed",
+            error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
+        )
         raise
     finally:
         if cfg.logger.get("kind") == "wandb":
@@ -186,6 +247,28 @@ def train(cfg: DictConfig) -> dict:
 
             wandb.finish()
     return result
+
+
+def predict(
+    trainer: L.Trainer, module: MultiTaskModule, dm: MultiTaskDataModule, best: str | None, run_dir: Path
+) -> dict:
+    """Dev and test predictions of the best checkpoint.
+
+    Dev predictions come from the best epoch's own validation pass when this process saw it;
+    test (and dev after a resume that did not see the best epoch) take one predict pass.
+    """
+    preds = {}
+    dev = module.best_dev_predictions if best else None
+    if dev is not None and set(dev) == set(dm.task_names):
+        for task, (index, values) in dev.items():
+            preds[(task, "dev")] = in_row_order(len(dm.split(task, "dev")), index, values, f"{task}-dev")
+    splits = ("test",) if preds else ("dev", "test")
+    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(splits), ckpt_path=best)
+    preds.update(collect_predictions(dm, dm.predict_targets(splits), outputs))
+    return {
+        "predictions": write_predictions(run_dir, dm, preds),
+        "predicted_from": Path(best).name if best else "last weights",
+    }
 
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:

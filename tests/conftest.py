@@ -17,7 +17,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = Path(os.environ.get("PEFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
 
 POS = ["good", "great", "fine", "lovely", "superb"]
 NEG = ["bad", "awful", "poor", "boring", "dull"]
@@ -85,8 +85,12 @@ def make_data_dir(path: Path, n_train: int = 48, n_dev: int = 16, n_test: int = 
             a, b, dup, score = pair_row(rng)
             sts.append([f"{split}-{i:04d}", a, b] + ([f"{score:.3f}"] if labelled else []))
         write_tsv(path / "sst5" / f"{split}.tsv", ["id", "sentence"] + (["label"] if labelled else []), sst)
-        write_tsv(path / "qqp" / f"{split}.tsv", ["id", "sentence1", "sentence2"] + (["label"] if labelled else []), qqp)
-        write_tsv(path / "stsb" / f"{split}.tsv", ["id", "sentence1", "sentence2"] + (["score"] if labelled else []), sts)
+        write_tsv(
+            path / "qqp" / f"{split}.tsv", ["id", "sentence1", "sentence2"] + (["label"] if labelled else []), qqp
+        )
+        write_tsv(
+            path / "stsb" / f"{split}.tsv", ["id", "sentence1", "sentence2"] + (["score"] if labelled else []), sts
+        )
     return path
 
 

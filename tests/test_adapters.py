@@ -15,7 +15,6 @@ from peft_lightning.encoder import BertEncoder
 peft = pytest.importorskip("peft")
 
 
-
 def randomise_lora(encoder: BertEncoder, seed: int = 7) -> None:
     g = torch.Generator().manual_seed(seed)
     for m in encoder.modules():
@@ -129,7 +128,12 @@ def test_closed_form_counts_on_bert_base_shape():
 
 def test_count_ordering():
     counts = {}
-    for name, make in [("frozen", Frozen), ("full", Full), ("lora", lambda: LoRA(rank=8)), ("prefix", lambda: Prefix(4, mlp=False))]:
+    for name, make in [
+        ("frozen", Frozen),
+        ("full", Full),
+        ("lora", lambda: LoRA(rank=8)),
+        ("prefix", lambda: Prefix(4, mlp=False)),
+    ]:
         enc = bert_base_encoder()
         adapter = make()
         adapter.attach(enc)
@@ -231,5 +235,7 @@ def test_frozen_parameters_are_bit_identical_after_steps(make):
     for n, p in ours.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
-    moved = [not torch.equal(a, p) for a, p in zip(trained_before, params) if p.grad is not None and p.grad.abs().sum() > 0]
+    moved = [
+        not torch.equal(a, p) for a, p in zip(trained_before, params) if p.grad is not None and p.grad.abs().sum() > 0
+    ]
     assert moved and all(moved)

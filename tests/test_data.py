@@ -43,7 +43,7 @@ def test_test_split_needs_no_labels(data_dir):
 
 BAD = [
     ("sst5", "id\tsentence\tlabel\nx\tok\t5\n", "field 'label'", "0..4"),
-    ("sst5", "id\tsentence\tlabel\nx\tok\t-1\n", "line 2", "0..4"),
+    ("sst5", "id\tsentence\tlabel\nx\tok\t-1\n", ":2:", "0..4"),
     ("sst5", "id\tsentence\tlabel\nx\tok\t2.5\n", "field 'label'", "integer class"),
     ("qqp", "id\tsentence1\tsentence2\tlabel\n1\ta\tb\t2\n", "field 'label'", "0 or 1"),
     ("qqp", "id\tsentence1\tsentence2\tlabel\n1\ta\tb\tyes\n", "not a number", "0 or 1"),
@@ -112,7 +112,7 @@ def test_token_cache_is_reused_and_keyed_by_content(data_dir, tiny_tokenizer, tm
     path = data_dir / "qqp" / "train.tsv"
     path.write_text(path.read_text().replace("\t0\n", "\t1\n", 1))
     encode_split(read_split(data_dir, TASKS["qqp"], "train"), tiny_tokenizer, 32, "separate", tmp_path / "c")
-    assert len(list((tmp_path / "c").glob("*.pt"))) == 3
+    assert len(list((tmp_path / "c").glob("*.pt"))) == 2  # the L=16 attempt above saved nothing
 
 
 def test_encodings_separate_and_cross(data_dir, tiny_tokenizer):
@@ -221,3 +221,30 @@ def test_datamodule_batches(data_dir, tiny_tokenizer, tmp_path):
 def test_write_tsv_helper_roundtrip(tmp_path):
     write_tsv(tmp_path / "sst5" / "train.tsv", ["id", "sentence", "label"], [["a", 'say "hi"', 1]])
     assert read_split(tmp_path, TASKS["sst5"], "train").texts == [('say "hi"',)]
+
+
+def test_peft_data_converts_hub_datasets(tmp_path):
+    from datasets import Dataset
+
+    from peft_lightning.data import read_split
+    from peft_lightning.data.hub import dataset_rows, write_split
+    from peft_lightning.tasks import TASKS
+
+    sst = Dataset.from_dict(
+        {"text": ["a fine film", "dull\tand\nlong"], "label": [3, 0], "label_text": ["positive", "very negative"]}
+    )
+    qqp = Dataset.from_dict(
+        {"question1": ["how ?", "why ?"], "question2": ["what ?", "why not ?"], "label": [0, 1], "idx": [7, 9]}
+    )
+    sts_test = Dataset.from_dict(
+        {"sentence1": ["a", "b"], "sentence2": ["c", "d"], "label": [-1.0, -1.0], "idx": [0, 1]}
+    )
+    for task, split, ds in (("sst5", "train", sst), ("qqp", "dev", qqp), ("stsb", "test", sts_test)):
+        header, rows = dataset_rows(task, split, ds)
+        write_split(tmp_path / task / f"{split}.tsv", header, rows)
+    s = read_split(tmp_path, TASKS["sst5"], "train")
+    assert s.texts == [("a fine film",), ("dull and long",)] and s.labels == [3.0, 0.0]
+    q = read_split(tmp_path, TASKS["qqp"], "dev")
+    assert q.ids == ["7", "9"] and q.labels == [0.0, 1.0]
+    t = read_split(tmp_path, TASKS["stsb"], "test")
+    assert t.ids == ["test-0000", "test-0001"] and t.labels is None

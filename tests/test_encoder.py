@@ -10,7 +10,14 @@ from peft_lightning.encoder import BertEncoder
 
 
 def tiny_config(**kw) -> BertConfig:
-    base = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=40)
+    base = dict(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
     base.update(kw)
     return BertConfig(**base)
 
@@ -62,7 +69,10 @@ def random_prefix(cfg, P: int, seed: int = 3):
     g = torch.Generator().manual_seed(seed)
     hd = cfg.hidden_size // cfg.num_attention_heads
     return [
-        (torch.randn(1, cfg.num_attention_heads, P, hd, generator=g), torch.randn(1, cfg.num_attention_heads, P, hd, generator=g))
+        (
+            torch.randn(1, cfg.num_attention_heads, P, hd, generator=g),
+            torch.randn(1, cfg.num_attention_heads, P, hd, generator=g),
+        )
         for _ in range(cfg.num_hidden_layers)
     ]
 
@@ -101,3 +111,21 @@ def test_prefix_mask_covers_prefix_and_tokens():
 def test_rejects_unsupported_configs():
     with pytest.raises(ValueError, match="absolute position"):
         BertEncoder(tiny_config(position_embedding_type="relative_key"))
+
+
+@torch.no_grad()
+def test_fused_qkv_equals_separate_projections():
+    from peft_lightning.adapters import LoRA
+
+    for targets in (["all"], ["query", "value"], None):
+        _, ours = pair()
+        if targets:
+            LoRA(rank=3, targets=targets, scaling="rslora").attach(ours)
+            for m in ours.modules():
+                if hasattr(m, "lora_B"):
+                    m.lora_B.data.normal_(0, 0.1)
+        ids, mask, types = inputs()
+        fused = ours(ids, mask, types)
+        for layer in ours.encoder.layer:
+            layer.attention.self.fuse_qkv = False
+        assert torch.allclose(fused, ours(ids, mask, types), atol=1e-5), targets

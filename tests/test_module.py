@@ -31,6 +31,8 @@ def test_head_shapes():
     assert [m.in_features for m in lin] == [16, 16]  # 2-layer MLP on the pooled vector
     lin = [m for m in heads["qqp"].modules() if isinstance(m, torch.nn.Linear)]
     assert [m.in_features for m in lin] == [32, 16, 16]  # 3-layer MLP on [u; v]
+    sb = build_heads(get_tasks(["qqp"]), hidden=16, pair_features="sbert")
+    assert sb["qqp"]([u, v]).shape == (5, 2) and sb["qqp"].net[0].in_features == 64  # [u; v; |u-v|; u*v]
     cross = build_heads(get_tasks(["qqp"]), hidden=16, pair_encoding="cross")
     assert cross["qqp"]([u]).shape == (5, 2)
     cos = build_heads(get_tasks(["stsb"]), hidden=16, sts_head="cosine")

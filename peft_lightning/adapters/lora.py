@@ -51,9 +51,13 @@ class LoRALinear(nn.Module):
         self.base = base
         freeze(base)
         self.rank, self.scale = rank, scale
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_A = nn.Parameter(
+            torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
+        )
         # B = 0: the update B A is zero at init, so the wrapped layer equals the pretrained one.
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device))
+        self.lora_B = nn.Parameter(
+            torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device)
+        )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._saved_weight: torch.Tensor | None = None

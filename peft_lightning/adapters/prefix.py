@@ -35,7 +35,16 @@ class PrefixEncoder(nn.Module):
         init_std: std of the normal init of direct prefixes.
     """
 
-    def __init__(self, num_layers: int, heads: int, head_dim: int, length: int, mlp: bool, mlp_hidden: int, init_std: float = 0.02):
+    def __init__(
+        self,
+        num_layers: int,
+        heads: int,
+        head_dim: int,
+        length: int,
+        mlp: bool,
+        mlp_hidden: int,
+        init_std: float = 0.02,
+    ):
         super().__init__()
         self.num_layers, self.heads, self.head_dim, self.length = num_layers, heads, head_dim, length
         hidden, out = heads * head_dim, num_layers * 2 * heads * head_dim

@@ -1,0 +1,245 @@
+"""`peft-bench`: time the study's multi-task training step, ours against transformers + PEFT.
+
+One step = SST-5 batch + both sentences of a QQP batch + both sentences of an STS-B batch (five
+encoder passes), per-task losses summed, backward, AdamW step. Both sides get the same weights and
+the same random token batches (fixed length, no padding) in one process on one device; each case
+prints one JSON line with ms/step (median of timed steps), samples/s (3 x B examples a step),
+peak memory and `ratio_vs_peft` (ours / theirs, lower is better). Random-init weights: speed does
+not depend on them. On CPU, peak memory is the process RSS high-water mark and is not per case.
+
+    peft-bench --device cpu --model minilm --batch-sizes 8
+    peft-bench --device cuda --model bert_base --batch-sizes 8 32 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_lightning.adapters import Frozen, Full, LoRA, Prefix
+from peft_lightning.encoder import BertEncoder
+from peft_lightning.module import MultiTaskModule
+
+MODELS = {
+    "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+    "bert_base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+}
+CASES = {
+    "frozen": (Frozen, {}),
+    "full": (Full, {}),
+    "lora_r8": (LoRA, {"rank": 8}),
+    "lora_r64": (LoRA, {"rank": 64}),
+    "prefix_p4_mlp": (Prefix, {"length": 4, "mlp": True}),
+    "prefix_p4": (Prefix, {"length": 4, "mlp": False}),
+}
+
+
+def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+
+    def enc() -> dict:
+        ids = torch.randint(1000, vocab, (B, L), generator=g)
+        ids[:, 0] = 101
+        return {
+            "input_ids": ids.to(device),
+            "attention_mask": torch.ones(B, L, dtype=torch.long, device=device),
+            "token_type_ids": torch.zeros(B, L, dtype=torch.long, device=device),
+        }
+
+    return {
+        "sst5": {"inputs": [enc()], "labels": torch.randint(0, 5, (B,), generator=g).float().to(device)},
+        "qqp": {"inputs": [enc(), enc()], "labels": torch.randint(0, 2, (B,), generator=g).float().to(device)},
+        "stsb": {"inputs": [enc(), enc()], "labels": (torch.rand(B, generator=g) * 5).to(device)},
+    }
+
+
+def ours_step(module: MultiTaskModule, opt: torch.optim.Optimizer, batch: dict, amp: bool):
+    with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = module(batch)
+        loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in outputs.items())
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+class PeftMultiTask(nn.Module):
+    """The same step built the usual way: transformers' BertModel, wrapped by PEFT, plus our heads."""
+
+    def __init__(self, hf_model, heads: nn.ModuleDict, frozen: bool, prefix: bool):
+        super().__init__()
+        self.model, self.heads, self.frozen, self.prefix = hf_model, heads, frozen, prefix
+
+    def encode(self, enc: dict) -> torch.Tensor:
+        kwargs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+        if not self.prefix:  # PEFT's prompt learning drops token_type_ids
+            kwargs["token_type_ids"] = enc["token_type_ids"]
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            return self.model(**kwargs).last_hidden_state[:, 0]
+
+    def forward(self, batch: dict) -> dict:
+        return {t: self.heads[t]([self.encode(e) for e in sub["inputs"]]) for t, sub in batch.items()}
+
+
+def peft_model(case: str, hf, kwargs: dict):
+    import peft
+
+    if case == "frozen":
+        hf.requires_grad_(False)
+        return hf.eval()
+    if case == "full":
+        return hf
+    if case.startswith("lora"):
+        cfg = peft.LoraConfig(
+            r=kwargs["rank"], lora_alpha=kwargs["rank"], target_modules="all-linear", lora_dropout=0.0
+        )
+        return peft.get_peft_model(hf, cfg)
+    cfg = peft.PrefixTuningConfig(
+        task_type="FEATURE_EXTRACTION", num_virtual_tokens=kwargs["length"], prefix_projection=kwargs["mlp"]
+    )
+    return peft.get_peft_model(hf, cfg)
+
+
+def peft_step(model: PeftMultiTask, opt, batch: dict, amp: bool, device: torch.device):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        outputs = model(batch)
+        loss = sum(
+            F.mse_loss(o.float(), batch[t]["labels"])
+            if t == "stsb"
+            else F.cross_entropy(o.float(), batch[t]["labels"].long())
+            for t, o in outputs.items()
+        )
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def timed(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
+    """Median ms/step and peak MiB (CUDA) after warmup."""
+    for _ in range(warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    peak = (
+        torch.cuda.max_memory_allocated() / 2**20
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    )
+    return statistics.median(times), peak
+
+
+def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(**MODELS[args.model], vocab_size=30522, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    hf = BertModel(cfg, add_pooling_layer=False).to(device)
+    batch = make_batches(B, args.length, cfg.vocab_size, device)
+    amp = device.type == "cuda"
+    cls, kwargs = CASES[case]
+    rows = []
+
+    # ours
+    enc = BertEncoder(cfg, add_pooler=False).to(device)
+    enc.load_state_dict(hf.state_dict())
+    adapter = cls(**kwargs)
+    module = MultiTaskModule(enc, adapter, pooling="cls", fuse_passes=args.fuse).to(device)
+    if device.type == "cuda":  # frozen weights stored once in the compute dtype
+        for p in module.encoder.parameters():
+            if not p.requires_grad and p.ndim >= 2:
+                p.data = p.data.to(torch.bfloat16)
+    if args.compile:
+        module.encoder = torch.compile(module.encoder, dynamic=False)
+    module.train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
+    t_ours, mem_ours = timed(lambda: ours_step(module, opt, batch, amp), args.warmup, args.steps, device)
+    heads = copy.deepcopy(module.heads)
+
+    # transformers + PEFT
+    model = PeftMultiTask(
+        peft_model(case, hf, kwargs), heads, frozen=case == "frozen", prefix=case.startswith("prefix")
+    ).to(device)
+    model.train()
+    if case == "frozen":
+        model.model.eval()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
+    t_peft, mem_peft = timed(lambda: peft_step(model, opt, batch, amp, device), args.warmup, args.steps, device)
+    trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
+
+    for impl, t, mem in (("ours", t_ours, mem_ours), ("hf_peft", t_peft, mem_peft)):
+        rows.append(
+            {
+                "case": case,
+                "impl": impl,
+                "device": device.type,
+                "model": args.model,
+                "batch_size": B,
+                "length": args.length,
+                "ms_per_step": round(t, 2),
+                "samples_per_s": round(3 * B / (t / 1000), 1),
+                "peak_mem_mib": round(mem, 1),
+                "encoder_trainable": trainable,
+                "ratio_vs_peft": round(t / t_peft, 3),
+            }
+        )
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="peft-bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--model", default="minilm", choices=list(MODELS))
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
+    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=list(CASES))
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="one encoder call per step")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (static shapes)")
+    parser.add_argument("--out", help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    header = {
+        "bench": "peft-lightning",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "fuse": args.fuse,
+        "compile": args.compile,
+    }
+    if device.type == "cuda":
+        header["gpu"] = torch.cuda.get_device_name()
+    lines = [json.dumps(header)]
+    print(lines[0], flush=True)
+    for B in args.batch_sizes:
+        for case in args.cases:
+            for row in run_case(case, B, args, device):
+                lines.append(json.dumps(row))
+                print(lines[-1], flush=True)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

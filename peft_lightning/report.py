@@ -1,0 +1,322 @@
+"""`peft-report <multirun dir>`: every run's results.json -> report.md, one CSV per table, PNG plots.
+
+A table per study found (main, epochs, lora_rank, prefix_length, prefix_mlp, and each
+beyond-the-study experiment that ran). Rows are the sweep's varying overrides; runs that differ only
+in seed are averaged and shown as mean +- std. Scores are the best epoch's (by dev avg), as the
+checkpoint used for predictions. A failed or unfinished job is a row that says so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import statistics
+from pathlib import Path
+
+from peft_lightning.results import RESULTS
+
+ORDER = [
+    "main",
+    "epochs",
+    "lora_rank",
+    "prefix_length",
+    "prefix_mlp",
+    "lora_scaling",
+    "lora_targets",
+    "multitask_vs_single",
+    "sts_head",
+]
+TITLES = {
+    "main": "Main comparison (dev)",
+    "epochs": "Epoch budgets: train and dev (overfitting)",
+    "lora_rank": "LoRA rank: train and dev",
+    "prefix_length": "Prefix length (dev)",
+    "prefix_mlp": "Prefix tuning with and without the MLP reparameterisation (dev)",
+    "lora_scaling": "LoRA scaling across ranks (dev)",
+    "lora_targets": "LoRA target modules (dev)",
+    "multitask_vs_single": "Multi-task vs single-task training (dev)",
+    "sts_head": "STS-B head: MLP vs cosine similarity (dev)",
+}
+METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
+WITH_TRAIN = {"epochs", "lora_rank"}
+IGNORED_KEYS = {"seed"}
+
+
+def load_runs(root: Path) -> list[dict]:
+    runs = []
+    for path in sorted(root.rglob(RESULTS)):
+        try:
+            res = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            res = {"status": "failed", "error": f"unreadable results.json: {err}"}
+        res["dir"] = str(path.parent.relative_to(root))
+        res.setdefault("study", path.parent.parent.name)
+        runs.append(res)
+    return runs
+
+
+def overrides(run: dict) -> dict[str, str]:
+    out = {}
+    for item in run.get("overrides") or []:
+        key, _, value = item.partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def varying_keys(runs: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in runs:
+        for k in overrides(r):
+            if k not in keys and k not in IGNORED_KEYS:
+                keys.append(k)
+    return [k for k in keys if len({overrides(r).get(k) for r in runs}) > 1] or keys[:1]
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.mean(values) if values else None
+
+
+def score(entry: dict | None, part: str, task: str, metric: str) -> float | None:
+    return ((entry or {}).get(part) or {}).get(task, {}).get(metric)
+
+
+def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]], list[list[float | None]]]:
+    """Header, formatted rows, and the numeric means behind them (for bolding and plots)."""
+    keys = varying_keys(runs)
+    parts = ["train", "dev"] if study in WITH_TRAIN else ["dev"]
+    header = list(keys) + [f"{p} {t} {m}" for p in parts for t, m in METRICS] + [f"{p} avg" for p in parts]
+    extra = study == "main"
+    if extra:
+        header += ["trainable (encoder)", "trainable (with heads)", "step ms", "peak MiB"]
+    header += ["seeds", "status"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
+    rows, numbers = [], []
+    for key, members in groups.items():
+        ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
+        bad = [r for r in members if r not in ok]
+        cells, nums = list(key), []
+        for p in parts:
+            for t, m in METRICS:
+                vals = [score(r["best"], p, t, m) for r in ok]
+                cells.append(fmt(vals))
+                nums.append(mean(vals))
+        for p in parts:
+            vals = [r["best"].get(f"{p}_avg") for r in ok]
+            cells.append(fmt(vals))
+            nums.append(mean(vals))
+        if extra:
+            for path in (("params", "encoder", "trainable"), ("params", "with_heads", "trainable")):
+                vals = [_get(r, path) for r in ok]
+                cells.append(f"{int(vals[0]):,}" if vals and vals[0] is not None else "-")
+                nums.append(None)
+            for name in ("step_time_ms", "peak_memory_mb"):
+                vals = [r.get(name) for r in ok]
+                cells.append(fmt(vals, 1))
+                nums.append(None)
+        status = (
+            "ok" if not bad else "; ".join(f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in bad)
+        )
+        cells += [str(len(ok)), status]
+        rows.append(cells)
+        numbers.append(nums)
+    return header, rows, numbers
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for p in path:
+        d = (d or {}).get(p)
+    return d
+
+
+def bold_best(
+    header: list[str], rows: list[list[str]], numbers: list[list[float | None]], first_metric: int
+) -> list[list[str]]:
+    out = [list(r) for r in rows]
+    for j in range(len(numbers[0]) if numbers else 0):
+        col = [n[j] for n in numbers]
+        if all(v is None for v in col) or not header[first_metric + j].startswith(("dev", "train")):
+            continue
+        best = max(v for v in col if v is not None)
+        for i, v in enumerate(col):
+            if v is not None and v == best and sum(c == best for c in col) < len(col):
+                out[i][first_metric + j] = f"**{out[i][first_metric + j]}**"
+    return out
+
+
+def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = (
+        ["strategy", "epoch"]
+        + [f"{p} {t} {m}" for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
+        + ["train avg", "dev avg", "status"]
+    )
+    rows = []
+    for r in runs:
+        name = (r.get("adapter") or {}).get("name") or overrides(r).get("adapter", "?")
+        marks = ((r.get("config") or {}).get("budget") or {}).get("epoch_marks") or [
+            h["epoch"] for h in r.get("history", [])
+        ]
+        hist = {h["epoch"]: h for h in r.get("history", [])}
+        for mark in marks:
+            h = hist.get(mark)
+            if h is None:
+                rows.append(
+                    [name, str(mark)]
+                    + ["-"] * (len(header) - 3)
+                    + [r.get("status", "?") + (": " + r["error"] if r.get("error") else "")]
+                )
+                continue
+            cells = [name, str(mark)]
+            cells += [fmt([score(h, p, t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
+            cells += [fmt([h.get("train_avg")]), fmt([h.get("dev_avg")]), "ok"]
+            rows.append(cells)
+    return header, rows
+
+
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows([[c.replace("**", "") for c in r] for r in rows])
+
+
+def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple[str, ...]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points: dict[float, list[dict]] = {}
+    for r in runs:
+        if r.get("status") == "complete" and r.get("best") and key in overrides(r):
+            try:
+                points.setdefault(float(overrides(r)[key]), []).append(r)
+            except ValueError:
+                return False
+    if not points:
+        return False
+    xs = sorted(points)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (t, m), color in zip([("sst5", "acc"), ("qqp", "acc"), ("stsb", "pearson")], ["C0", "C1", "C2"]):
+        for p in parts:
+            ys = [mean([score(r["best"], p, t, m) for r in points[x]]) for x in xs]
+            ax.plot(xs, ys, marker="o", color=color, linestyle="-" if p == "dev" else "--", label=f"{p} {t} {m}")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("score (best epoch)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def plot_epochs(path: Path, runs: list[dict]) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in runs if r.get("history")]
+    if not done:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, r in enumerate(done):
+        name = (r.get("adapter") or {}).get("name", r["dir"])
+        ep = [h["epoch"] for h in r["history"]]
+        ax.plot(ep, [h.get("train_avg") for h in r["history"]], linestyle="--", color=f"C{i}", label=f"{name} train")
+        ax.plot(ep, [h.get("dev_avg") for h in r["history"]], marker="o", color=f"C{i}", label=f"{name} dev")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("avg of SST-5 acc, QQP acc, STS-B Pearson")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def build_report(root: str | Path, out: str | Path | None = None) -> Path:
+    """Write report.md, CSVs and PNGs for the runs under `root`; returns the report's path."""
+    root = Path(root)
+    out = Path(out) if out else root
+    out.mkdir(parents=True, exist_ok=True)
+    runs = load_runs(root)
+    if not runs:
+        raise SystemExit(f"peft-report: no {RESULTS} under {root}")
+    by_study: dict[str, list[dict]] = {}
+    for r in runs:
+        by_study.setdefault(r.get("study") or "adhoc", []).append(r)
+    studies = [s for s in ORDER if s in by_study] + sorted(s for s in by_study if s not in ORDER)
+    models = sorted({(r.get("model") or {}).get("name", "?") for r in runs})
+    lines = [
+        f"# Report: {root.name}",
+        "",
+        f"{len(runs)} runs; models: {', '.join(models)}; {sum(r.get('status') == 'complete' for r in runs)} complete.",
+        "",
+    ]
+    lines.append(
+        "Scores are each run's best epoch by dev avg (mean of SST-5 acc, QQP acc, STS-B Pearson); "
+        "the best value of each column is in bold; mean ± std over seeds where several ran."
+    )
+    if "minilm" in models:
+        lines.append(
+            "The packaged MiniLM saw Quora duplicate pairs in pretraining: its QQP scores are not clean transfer."
+        )
+    lines.append("")
+    for study in studies:
+        srun = by_study[study]
+        lines += [f"## {TITLES.get(study, study)}", ""]
+        if study == "epochs":
+            header, rows = epochs_table(srun)
+        else:
+            header, rows, numbers = study_table(study, srun)
+            rows = bold_best(header, rows, numbers, len(varying_keys(srun)))
+        lines += [markdown(header, rows), "", f"CSV: `{study}.csv`", ""]
+        write_csv(out / f"{study}.csv", header, rows)
+        if study == "lora_rank" and plot_sweep(
+            out / "lora_rank.png", srun, "adapter.rank", "LoRA rank r", ("train", "dev")
+        ):
+            lines += ["![metric vs rank](lora_rank.png)", ""]
+        if study == "prefix_length" and plot_sweep(
+            out / "prefix_length.png", srun, "adapter.length", "prefix length P", ("dev",)
+        ):
+            lines += ["![metric vs prefix length](prefix_length.png)", ""]
+        if study == "epochs" and plot_epochs(out / "epochs.png", srun):
+            lines += ["![train and dev vs epoch](epochs.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="peft-report", description=__doc__.splitlines()[0])
+    parser.add_argument("root", help="a multirun folder (searched recursively for results.json)")
+    parser.add_argument("--out", help="where to write report.md, CSVs and PNGs (default: the root)")
+    args = parser.parse_args(argv)
+    print(build_report(args.root, args.out))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Every config in conf/ composes, and the CLI-level errors are clear."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose
+from omegaconf import OmegaConf
+
+GROUPS = {
+    g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
+    for g in ("data", "model", "adapter", "trainer", "logger", "budget", "experiment")
+}
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, opts in GROUPS.items() for o in opts])
+def test_every_option_composes(group, option, tmp_path):
+    overrides = [f"{group}={option}", f"output_dir={tmp_path}", "overrides=[]"]
+    if group == "model" and option == "local":
+        overrides.append("model.source=/some/folder")
+    cfg = compose(overrides)
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    assert cfg.data.batch_size and cfg.model.source and cfg.trainer.max_epochs >= 1
+
+
+def test_expected_options_exist():
+    assert {"frozen", "full", "lora", "prefix"} <= set(GROUPS["adapter"])
+    assert {"paper", "quick", "smoke"} <= set(GROUPS["budget"])
+    assert {
+        "main",
+        "epochs",
+        "lora_rank",
+        "prefix_length",
+        "prefix_mlp",
+        "lora_scaling",
+        "lora_targets",
+        "multitask_vs_single",
+        "sts_head",
+    } <= set(GROUPS["experiment"])
+    assert {"gpus", "slurm", "local"} <= {p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml")}
+
+
+def test_defaults_are_the_studys():
+    cfg = compose(["output_dir=/tmp/x", "overrides=[]"])
+    assert cfg.data.batch_size == 8 and cfg.data.schedule == "joint" and cfg.data.pair_encoding == "separate"
+    assert cfg.optim.lr == 1e-5 and cfg.adapter.rank == 8 and cfg.adapter.scaling == "fixed"
+    paper = compose(["budget=paper", "output_dir=/tmp/x", "overrides=[]"])
+    assert paper.model.name == "bert_base" and paper.model.pooling == "pooler" and paper.trainer.max_epochs == 25
+    assert paper.optim.adapter_lr is None and paper.optim.head_lr is None  # every parameter at 1e-5, as the study
+
+
+@pytest.mark.parametrize(
+    "study,expected",
+    [
+        ("main", {"adapter": "frozen,full,lora,prefix"}),
+        ("lora_rank", {"adapter.rank": "2,4,8,16,32,64"}),
+        ("prefix_length", {"adapter.length": "1,2,4,8"}),
+        ("prefix_mlp", {"adapter.mlp": "true,false", "adapter.length": "2,4,8"}),
+        ("epochs", {"adapter": "full,lora,prefix"}),
+    ],
+)
+def test_experiments_hold_their_sweeps(study, expected):
+    from hydra import compose as hc
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = hc(config_name="train", overrides=[f"experiment={study}", "budget=quick"], return_hydra_config=True)
+    params = cfg.hydra.sweeper.params
+    for k, v in expected.items():
+        assert params[k] == v
+    assert str(params["seed"]) in ("42", "${join:${budget.seeds}}")
+    assert cfg.study == study and cfg.sweep_root == "multirun/quick"
+    if study == "epochs":
+        assert cfg.trainer.max_epochs == 4  # quick budget's long run: marks 1/2/3/4
+
+
+def test_conf_dir_is_found():
+    from peft_lightning.train import conf_dir
+
+    assert Path(conf_dir()) == ROOT / "conf"

@@ -1,0 +1,98 @@
+"""peft-report on hand-made results.json files: tables, bold best, mean +- std, failed rows, plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peft_lightning.report import build_report
+
+
+def fake(
+    root: Path,
+    study: str,
+    overrides: list[str],
+    dev: dict,
+    train: dict | None = None,
+    status="complete",
+    history=None,
+    **extra,
+):
+    d = (
+        root
+        / study
+        / ",".join(o for o in overrides if not o.startswith("seed="))
+        / (next((o for o in overrides if o.startswith("seed=")), "seed=0"))
+    )
+    d.mkdir(parents=True, exist_ok=True)
+    best = None
+    if status == "complete":
+        avg = (dev["sst5"]["acc"] + dev["qqp"]["acc"] + dev["stsb"]["pearson"]) / 3
+        best = {"epoch": 1, "dev": dev, "train": train or dev, "dev_avg": avg, "train_avg": avg + 0.1}
+    res = {
+        "status": status,
+        "study": study,
+        "overrides": overrides,
+        "best": best,
+        "history": history or ([best] if best else []),
+        "adapter": {"name": next((o.split("=")[1] for o in overrides if o.startswith("adapter=")), "lora")},
+        "model": {"name": "minilm"},
+        "params": {"encoder": {"trainable": 100}, "with_heads": {"trainable": 150}},
+        "step_time_ms": 12.5,
+        "peak_memory_mb": 900.0,
+        **extra,
+    }
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def scores(a, b, c):
+    return {"sst5": {"acc": a}, "qqp": {"acc": b, "f1": b - 0.1}, "stsb": {"pearson": c, "spearman": c}}
+
+
+def test_report_tables(tmp_path):
+    root = tmp_path / "mr"
+    fake(root, "main", ["adapter=full"], scores(0.5, 0.8, 0.7))
+    fake(root, "main", ["adapter=lora"], scores(0.45, 0.85, 0.6))
+    fake(root, "main", ["adapter=prefix"], {}, status="failed", error="ValueError: boom")
+    for seed, a in ((1, 0.40), (2, 0.44)):
+        fake(root, "lora_rank", ["adapter.rank=2", f"seed={seed}"], scores(a, 0.7, 0.5))
+        fake(root, "lora_rank", ["adapter.rank=8", f"seed={seed}"], scores(a + 0.1, 0.7, 0.5))
+    hist = [
+        {
+            "epoch": e,
+            "dev": scores(0.4 + e / 100, 0.7, 0.5),
+            "train": scores(0.5 + e / 10, 0.8, 0.6),
+            "dev_avg": 0.5 + e / 100,
+            "train_avg": 0.6 + e / 10,
+        }
+        for e in (1, 2, 3, 4)
+    ]
+    fake(
+        root,
+        "epochs",
+        ["adapter=full"],
+        scores(0.44, 0.7, 0.5),
+        history=hist,
+        config={"budget": {"epoch_marks": [1, 2, 4]}},
+    )
+    path = build_report(root, tmp_path / "out")
+    text = path.read_text()
+    assert "## Main comparison (dev)" in text and "## LoRA rank: train and dev" in text and "## Epoch budgets" in text
+    main_rows = [
+        line
+        for line in text.splitlines()
+        if line.startswith("| full") or line.startswith("| lora") or line.startswith("| prefix")
+    ]
+    full = next(r for r in main_rows if r.startswith("| full"))
+    lora = next(r for r in main_rows if r.startswith("| lora"))
+    assert "**0.5000**" in full and "**0.8500**" in lora and "0.4500" in lora  # best per column in bold
+    assert "failed: ValueError: boom" in next(r for r in main_rows if r.startswith("| prefix"))
+    assert "| 100 | 150 | 12.5 | 900.0 |" in full  # params, step time, peak memory columns
+    rank2 = next(line for line in text.splitlines() if line.startswith("| 2 |"))
+    assert "0.4200 ± 0.0283" in rank2 and rank2.rstrip().endswith("| 2 | ok |")  # mean ± std over 2 seeds
+    epochs_section = text.split("## Epoch budgets")[1].split("## ")[0]
+    epoch_rows = [line for line in epochs_section.splitlines() if line.startswith("| full |")]
+    assert [r.split("|")[2].strip() for r in epoch_rows] == ["1", "2", "4"]
+    assert (tmp_path / "out" / "lora_rank.png").stat().st_size > 1000 and (tmp_path / "out" / "epochs.png").is_file()
+    assert (tmp_path / "out" / "main.csv").read_text().splitlines()[0].startswith("adapter,dev sst5 acc")
+    assert "not clean transfer" in text  # MiniLM's QQP caveat

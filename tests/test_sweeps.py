@@ -1,0 +1,102 @@
+"""Hydra sweeps end to end (subprocesses): joblib launcher, submitit local launcher, a failing job,
+skipping complete jobs, wandb offline runs, and the report on top. Marked slow."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from peft_lightning.report import build_report
+
+pytestmark = pytest.mark.slow
+
+
+def peft_train(
+    tmp_path: Path, model_dir: Path, data_dir: Path, *args: str, check: bool = True
+) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "peft_lightning.train",
+        "-m",
+        "model=local",
+        f"model.source={model_dir}",
+        f"data.dir={data_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "budget=smoke",
+        f"sweep_root={tmp_path / 'multirun'}",
+        "trainer.accelerator=cpu",
+        "optim.lr=3e-3",
+        *args,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def results(root: Path) -> dict[str, dict]:
+    return {p.parent.name: json.loads(p.read_text()) for p in root.rglob("results.json")}
+
+
+def test_joblib_sweep_then_report_then_rerun_skips(tiny_model_dir, data_dir, tmp_path):
+    args = ("hydra/launcher=gpus", "hydra.launcher.n_jobs=2", "study=lora_rank", "adapter=lora", "adapter.rank=2,4")
+    peft_train(tmp_path, tiny_model_dir, data_dir, *args)
+    runs = results(tmp_path / "multirun" / "lora_rank")
+    assert set(runs) == {"adapter.rank=2,adapter=lora", "adapter.rank=4,adapter=lora"}
+    assert all(r["status"] == "complete" for r in runs.values())
+    assert {r["adapter"]["rank"] for r in runs.values()} == {2, 4}
+    assert (
+        runs["adapter.rank=4,adapter=lora"]["params"]["encoder"]["trainable"]
+        == 2 * runs["adapter.rank=2,adapter=lora"]["params"]["encoder"]["trainable"]
+    )
+    report = build_report(tmp_path / "multirun")
+    text = report.read_text()
+    assert "## LoRA rank: train and dev" in text and (report.parent / "lora_rank.csv").is_file()
+    assert (report.parent / "lora_rank.png").stat().st_size > 1000
+    csv_rows = (report.parent / "lora_rank.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("adapter.rank,train sst5 acc") and {r.split(",")[0] for r in csv_rows[1:]} == {
+        "2",
+        "4",
+    }
+    # rerunning the sweep skips the complete jobs: results.json files are left untouched
+    stamps = {k: (tmp_path / "multirun" / "lora_rank" / k / "results.json").stat().st_mtime_ns for k in runs}
+    proc = peft_train(tmp_path, tiny_model_dir, data_dir, *args)
+    assert "is complete; skipping" in proc.stdout + proc.stderr
+    assert stamps == {k: (tmp_path / "multirun" / "lora_rank" / k / "results.json").stat().st_mtime_ns for k in runs}
+
+
+def test_a_failing_job_does_not_stop_the_sweep(tiny_model_dir, data_dir, tmp_path):
+    peft_train(tmp_path, tiny_model_dir, data_dir, "study=failing", "adapter=lora", "adapter.rank=0,2")
+    runs = results(tmp_path / "multirun" / "failing")
+    assert runs["adapter.rank=2,adapter=lora"]["status"] == "complete"
+    bad = runs["adapter.rank=0,adapter=lora"]
+    assert bad["status"] == "failed" and "rank must be an integer >= 1" in bad["error"]
+    text = build_report(tmp_path / "multirun").read_text()
+    assert "failed: ValueError: adapter.rank must be an integer >= 1" in text
+
+
+def test_submitit_local_launcher(tiny_model_dir, data_dir, tmp_path):
+    peft_train(tmp_path, tiny_model_dir, data_dir, "hydra/launcher=local", "study=submitit", "adapter=frozen")
+    runs = results(tmp_path / "multirun" / "submitit")
+    assert [r["status"] for r in runs.values()] == ["complete"]
+    assert list((tmp_path / "multirun" / "submitit").rglob("*_submitted.pkl")) or list(
+        (tmp_path / "multirun" / "submitit").rglob(".submitit")
+    )
+
+
+def test_wandb_offline_run_per_job(tiny_model_dir, data_dir, tmp_path):
+    peft_train(tmp_path, tiny_model_dir, data_dir, "study=wbstudy", "logger=wandb", "adapter=lora,prefix")
+    root = tmp_path / "multirun" / "wbstudy"
+    for job, kind in (("adapter=lora", "lora"), ("adapter=prefix", "prefix")):
+        offline = list((root / job / "wandb").glob("offline-run-*"))
+        assert len(offline) == 1, job  # one run per job, never one run for the sweep
+        blob = next(offline[0].glob("*.wandb")).read_bytes()
+        assert b"wbstudy" in blob and kind.encode() in blob and job.encode() in blob  # group, job_type, name
