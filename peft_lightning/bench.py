@@ -166,7 +166,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
             if not p.requires_grad and p.ndim >= 2:
                 p.data = p.data.to(torch.bfloat16)
     if args.compile:
-        module.encoder = torch.compile(module.encoder, dynamic=False)
+        module.encoder.compile(dynamic=False)
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
     t_ours, mem_ours = timed(lambda: ours_step(module, opt, batch, amp), args.warmup, args.steps, device)

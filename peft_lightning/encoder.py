@@ -76,7 +76,7 @@ class BertSelfAttention(nn.Module):
 
     def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
         params = [p for b in bases for p in (b.weight, b.bias)]
-        if any(p.requires_grad for p in params):
+        if any(p.requires_grad for p in params) or torch.compiler.is_compiling():  # compile fuses the cat
             return torch.cat([b.weight for b in bases]), torch.cat([b.bias for b in bases])
         # frozen: stack once, again only if a weight changed in place (LoRA merge / unmerge, loading)
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)

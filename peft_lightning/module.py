@@ -46,6 +46,7 @@ class MultiTaskModule(L.LightningModule):
         warmup_ratio: fraction of all steps with linear warmup.
         seed: reseeds dropout at every epoch start, so an epoch is reproducible after a resume.
         fuse_passes: run all encoder passes of a step as one padded batch (fewer launches on GPU).
+        compile: `torch.compile` the encoder in place (pair with data.pad_to_multiple_of).
         identity: what identifies the backbone, stored in checkpoints.
     """
 
@@ -69,6 +70,7 @@ class MultiTaskModule(L.LightningModule):
         warmup_ratio: float = 0.0,
         seed: int = 0,
         fuse_passes: bool = False,
+        compile: bool = False,
         identity: dict | None = None,
     ):
         super().__init__()
@@ -78,6 +80,7 @@ class MultiTaskModule(L.LightningModule):
         self.encoder, self.adapter = encoder, adapter
         adapter.attach(encoder)
         self.pooling, self.pair_encoding, self.fuse_passes = pooling, pair_encoding, fuse_passes
+        self.compile_encoder = compile
         self.heads = build_heads(
             get_tasks(self.task_names), encoder.config.hidden_size, pair_encoding, sts_head, head_dropout, pair_features
         )
@@ -107,6 +110,18 @@ class MultiTaskModule(L.LightningModule):
         self.best_dev_predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self._val_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.strict_loading = False  # checkpoints hold only what trains
+
+    def configure_model(self) -> None:
+        if self.compile_encoder and not getattr(self, "_compiled", False):
+            self.encoder.compile()  # in place: parameter names (and checkpoints) stay the same
+            self._compiled = True
+
+    def on_fit_start(self) -> None:
+        # GPU bf16-mixed: keep frozen matrices once in bf16 (autocast would cast them every step)
+        if self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
+            for p in self.encoder.parameters():
+                if not p.requires_grad and p.ndim >= 2:
+                    p.data = p.data.to(torch.bfloat16)
 
     # ---- forward -------------------------------------------------------------------------
     def train(self, mode: bool = True):

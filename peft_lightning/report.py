@@ -105,7 +105,7 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
     for r in runs:
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
     rows, numbers = [], []
-    for key, members in groups.items():
+    for key, members in sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])):
         ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
         bad = [r for r in members if r not in ok]
         cells, nums = list(key), []
@@ -134,6 +134,13 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
         rows.append(cells)
         numbers.append(nums)
     return header, rows, numbers
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
 
 
 def _get(d: dict, path: tuple[str, ...]):

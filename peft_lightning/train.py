@@ -166,6 +166,7 @@ def train(cfg: DictConfig) -> dict:
         warmup_ratio=cfg.optim.warmup_ratio,
         seed=cfg.seed,
         fuse_passes=cfg.model.fuse_passes,
+        compile=cfg.model.get("compile", False),
         identity=backbone.identity,
     )
     run_name = cfg.get("run_name") or run_dir.name

@@ -35,5 +35,10 @@ def test_real_files_read_cleanly(task, split):
         assert sorted(set(s.labels)) == [0, 1]
     else:
         assert min(s.labels) >= 0 and max(s.labels) <= 5
-    # CSV quoting: no field keeps a wrapping quote
-    assert not any(t.startswith('"') and t.endswith('"') and len(t) > 1 for row in s.texts for t in row)
+    assert not any("\t" in t or "\n" in t for row in s.texts for t in row)
+
+
+def test_csv_quoting_of_a_real_row():
+    s = read_split(SHARED_DATA, TASKS["stsb"], "train")
+    i = s.ids.index("train-1523")  # written as "A dog in a ""superman"" shirt sleeps on a blanket."
+    assert s.texts[i][0] == 'A dog in a "superman" shirt sleeps on a blanket.' and s.labels[i] == 4.0
