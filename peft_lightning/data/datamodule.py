@@ -1,0 +1,175 @@
+"""MultiTaskDataModule: reads, validates, tokenises (cached) and schedules SST-5, QQP and STS-B."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from peft_lightning.data.encoded import EncodedSplit, collate, encode_split
+from peft_lightning.data.readers import detect_layout, read_split
+from peft_lightning.data.schedules import Key, ScheduleSampler
+from peft_lightning.tasks import SPLITS, get_tasks
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("PEFT_CACHE_DIR", Path.home() / ".cache" / "peft_lightning"))
+
+
+class StepDataset(Dataset):
+    """Turns a schedule key into `{task: collated batch}` for one training step."""
+
+    def __init__(self, splits: dict[str, EncodedSplit], pad_id: int, multiple: int = 1):
+        self.splits, self.pad_id, self.multiple = splits, pad_id, multiple
+
+    def __getitem__(self, key: Key) -> dict[str, dict]:
+        return {task: collate(self.splits[task], rows, self.pad_id, self.multiple) for task, rows in key}
+
+
+class EvalDataset(Dataset):
+    """Batches of one split in length-sorted order (less padding); `index` maps back to rows."""
+
+    def __init__(self, split: EncodedSplit, batch_size: int, pad_id: int, multiple: int = 1):
+        order = torch.argsort(split.lengths(), stable=True).tolist()
+        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.split, self.pad_id, self.multiple = split, pad_id, multiple
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict[str, dict]:
+        return {self.split.task: collate(self.split, self.batches[i], self.pad_id, self.multiple)}
+
+
+class MultiTaskDataModule(L.LightningDataModule):
+    """Data for the three tasks, batched by a multi-task schedule.
+
+    Args:
+        dir: data directory (TSV or CS224N layout, see `readers`).
+        tokenizer: a Hugging Face fast tokenizer of the backbone.
+        tasks: task keys to use (default all three).
+        batch_size: per-task training batch size, an int or a `{task: int}` mapping.
+        eval_batch_size: batch size for dev/test inference.
+        max_length: truncation length in tokens.
+        pair_encoding: `separate` (each sentence its own pass, the study) or `cross`.
+        schedule: `joint`, `round_robin`, `proportional` or `temperature` (see `schedules`).
+        temperature: T for the `temperature` schedule.
+        limit_train: if set, a seeded subsample of at most this many rows per training set.
+        limit_eval: if set, a seeded subsample of at most this many rows per dev set (dev
+            metrics and dev predictions then cover that subsample; test is never subsampled).
+        seed: seed for subsampling and batch order.
+        cache_dir: token cache folder; default `$PEFT_CACHE_DIR` or `~/.cache/peft_lightning`.
+        num_workers: DataLoader workers.
+        on_bad_row: `raise` or `skip` (see `readers.read_split`).
+        tokenizer_id: a stable name for the tokenizer in cache keys (default: its fingerprint).
+        pad_to_multiple_of: round batch widths up to this multiple (bucketed shapes for compile).
+    """
+
+    def __init__(
+        self,
+        dir: str | Path,
+        tokenizer,
+        tasks: list[str] | None = None,
+        batch_size: int | dict[str, int] = 8,
+        eval_batch_size: int = 64,
+        max_length: int = 128,
+        pair_encoding: str = "separate",
+        schedule: str = "joint",
+        temperature: float = 2.0,
+        limit_train: int | None = None,
+        limit_eval: int | None = None,
+        seed: int = 0,
+        cache_dir: str | Path | None = None,
+        num_workers: int = 0,
+        on_bad_row: str = "raise",
+        tokenizer_id: str | None = None,
+        pad_to_multiple_of: int = 1,
+    ):
+        super().__init__()
+        self.dir = Path(dir)
+        self.tokenizer, self.tokenizer_id = tokenizer, tokenizer_id
+        self.tasks = get_tasks(list(tasks) if tasks is not None else None)
+        names = [t.name for t in self.tasks]
+        if isinstance(batch_size, int):
+            batch_size = dict.fromkeys(names, batch_size)
+        missing = [n for n in names if n not in batch_size]
+        if missing:
+            raise ValueError(f"data.batch_size has no entry for task(s) {missing}")
+        if any(int(batch_size[n]) < 1 for n in names):
+            raise ValueError(f"data.batch_size must be >= 1 for every task, got {dict(batch_size)}")
+        self.batch_size = {n: int(batch_size[n]) for n in names}
+        self.eval_batch_size, self.max_length = eval_batch_size, max_length
+        self.pair_encoding, self.schedule, self.temperature = pair_encoding, schedule, temperature
+        self.limit_train, self.limit_eval, self.seed, self.num_workers = limit_train, limit_eval, seed, num_workers
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.on_bad_row = on_bad_row
+        if int(pad_to_multiple_of) < 1:
+            raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
+        self.multiple = int(pad_to_multiple_of)
+        self.splits: dict[tuple[str, str], EncodedSplit] = {}
+        self.sampler: ScheduleSampler | None = None
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        layout = detect_layout(self.dir)
+        for task in self.tasks:
+            for split in SPLITS:
+                raw = read_split(self.dir, task, split, layout, self.on_bad_row)
+                if raw.skipped:
+                    log.warning("%s: skipped %d bad row(s), first: %s", raw.path, len(raw.skipped), raw.skipped[0])
+                enc = encode_split(raw, self.tokenizer, self.max_length, self.pair_encoding, self.cache_dir, self.tokenizer_id)
+                limit = {"train": self.limit_train, "dev": self.limit_eval}.get(split)
+                if limit is not None and len(enc) > limit:
+                    g = torch.Generator().manual_seed(self.seed + (split == "dev"))
+                    enc = enc.subset(torch.randperm(len(enc), generator=g)[:limit].sort().values)
+                self.splits[(task.name, split)] = enc
+        sizes = {t: len(self.splits[(t, "train")]) for t in self.task_names}
+        self.sampler = ScheduleSampler(sizes, self.batch_size, self.schedule, self.temperature, self.seed)
+
+    def split(self, task: str, split: str) -> EncodedSplit:
+        return self.splits[(task, split)]
+
+    def train_dataloader(self) -> DataLoader:
+        train = {t: self.splits[(t, "train")] for t in self.task_names}
+        return DataLoader(
+            StepDataset(train, self.pad_id, self.multiple),
+            batch_size=None,
+            sampler=self.sampler,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            generator=self._generator(),
+        )
+
+    def eval_dataloader(self, task: str, split: str) -> DataLoader:
+        ds = EvalDataset(self.splits[(task, split)], self.eval_batch_size, self.pad_id, self.multiple)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=self._generator())
+
+    def _generator(self) -> torch.Generator:
+        # A loader's own generator: creating its iterator then draws no number from the global RNG,
+        # so dropout masks do not depend on when Lightning builds iterators (fresh run vs resume).
+        return torch.Generator().manual_seed(self.seed)
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [self.eval_dataloader(t, "dev") for t in self.task_names]
+
+    def predict_targets(self, splits: tuple[str, ...] = ("dev", "test")) -> list[tuple[str, str]]:
+        """(task, split) pairs that predictions are written for, in dataloader order."""
+        return [(t, s) for s in splits for t in self.task_names]
+
+    def predict_dataloader(self, splits: tuple[str, ...] = ("dev", "test")) -> list[DataLoader]:
+        return [self.eval_dataloader(t, s) for t, s in self.predict_targets(splits)]

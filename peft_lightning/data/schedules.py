@@ -1,0 +1,112 @@
+"""Multi-task batch schedules: which task(s) each training step sees, and what an epoch is.
+
+Every task has a stream of batches: a seeded permutation of its rows cut into batches (the last
+one may be short); when a stream runs out mid-epoch it starts a new permutation (smaller tasks
+cycle). Streams restart at every epoch, and every draw depends only on (seed, epoch), so an epoch
+is reproducible on its own, which is what lets a resumed run match an uninterrupted one.
+
+Schedules (N_t = batches of task t per pass over its data):
+- `joint` (the study's): each step holds one batch of every task, losses summed.
+  An epoch is max_t N_t steps: the largest task is seen once, smaller ones cycle.
+- `round_robin`: one task per step, in turn. An epoch is (#tasks * max_t N_t) steps.
+- `proportional`: one task per step, drawn with probability proportional to its number of rows.
+  An epoch is sum_t N_t steps (every row once in expectation).
+- `temperature`: like proportional with probability proportional to rows ** (1 / T);
+  T=1 is proportional, large T approaches uniform. An epoch is sum_t N_t steps.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import Sampler
+
+SCHEDULES = ("joint", "round_robin", "proportional", "temperature")
+
+Key = tuple[tuple[str, tuple[int, ...]], ...]  # ((task, rows), ...) for one step
+
+
+class BatchStream:
+    """Endless seeded batches of one task's rows for one epoch."""
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, epoch: int, task_idx: int):
+        self.n_rows, self.batch_size = n_rows, batch_size
+        self.seed = (seed * 1_000_003 + epoch * 7_919 + task_idx * 104_729) % (2**62)
+        self.cycle = 0
+        self.pending: list[tuple[int, ...]] = []
+
+    def __next__(self) -> tuple[int, ...]:
+        if not self.pending:
+            g = torch.Generator().manual_seed(self.seed + self.cycle)
+            perm = torch.randperm(self.n_rows, generator=g).tolist()
+            self.pending = [tuple(perm[i : i + self.batch_size]) for i in range(0, self.n_rows, self.batch_size)]
+            self.pending.reverse()
+            self.cycle += 1
+        return self.pending.pop()
+
+
+class ScheduleSampler(Sampler[Key]):
+    """Yields one key per training step; the dataset turns a key into collated batches.
+
+    Args:
+        sizes: rows per task, in task order.
+        batch_sizes: batch size per task.
+        schedule: one of SCHEDULES.
+        temperature: T for the `temperature` schedule.
+        seed: base seed; the epoch is mixed in through `set_epoch` (Lightning calls it).
+    """
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        batch_sizes: dict[str, int],
+        schedule: str = "joint",
+        temperature: float = 1.0,
+        seed: int = 0,
+    ):
+        if schedule not in SCHEDULES:
+            raise ValueError(f"data.schedule={schedule!r} is unknown; expected one of {list(SCHEDULES)}")
+        if schedule == "temperature" and not temperature > 0:
+            raise ValueError(f"data.temperature must be > 0, got {temperature}")
+        self.sizes, self.batch_sizes = dict(sizes), dict(batch_sizes)
+        self.schedule, self.seed, self.epoch = schedule, seed, 0
+        self.temperature = 1.0 if schedule == "proportional" else temperature
+        self.n_batches = {t: math.ceil(n / self.batch_sizes[t]) for t, n in self.sizes.items()}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        most = max(self.n_batches.values())
+        if self.schedule == "joint":
+            return most
+        if self.schedule == "round_robin":
+            return most * len(self.sizes)
+        return sum(self.n_batches.values())
+
+    def task_probabilities(self) -> dict[str, float]:
+        weights = {t: n ** (1.0 / self.temperature) for t, n in self.sizes.items()}
+        total = sum(weights.values())
+        return {t: w / total for t, w in weights.items()}
+
+    def __iter__(self) -> Iterator[Key]:
+        tasks = list(self.sizes)
+        streams = {
+            t: BatchStream(self.sizes[t], self.batch_sizes[t], self.seed, self.epoch, i) for i, t in enumerate(tasks)
+        }
+        steps = len(self)
+        if self.schedule == "joint":
+            for _ in range(steps):
+                yield tuple((t, next(streams[t])) for t in tasks)
+        elif self.schedule == "round_robin":
+            for s in range(steps):
+                t = tasks[s % len(tasks)]
+                yield ((t, next(streams[t])),)
+        else:
+            probs = self.task_probabilities()
+            g = torch.Generator().manual_seed(self.seed * 31 + self.epoch)
+            draws = torch.multinomial(torch.tensor([probs[t] for t in tasks]), steps, replacement=True, generator=g)
+            for i in draws.tolist():
+                yield ((tasks[i], next(streams[tasks[i]])),)
