@@ -194,7 +194,8 @@ def train(cfg: DictConfig) -> dict:
     )
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     tcfg["precision"] = precision_for(tcfg.get("precision", "auto"), tcfg.get("accelerator", "auto"))
-    ckpt = resolve_ckpt(cfg.ckpt_path, run_dir)
+    # force=true reruns from scratch: an old last.ckpt is not resumed (an explicit path still is)
+    ckpt = None if cfg.force and cfg.ckpt_path == "auto" else resolve_ckpt(cfg.ckpt_path, run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
     with ExitStack() as stack:

@@ -108,7 +108,7 @@ def test_dev_predictions_match_best_checkpoint_metrics(tiny_model_dir, data_dir,
     assert acc == pytest.approx(res["best"]["dev"]["sst5"]["acc"])
 
 
-def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, data_dir, tmp_path):
+def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, data_dir, tmp_path, caplog):
     args = ("adapter=lora", "adapter.dropout=0.1", "optim.lr=1e-2", "trainer.deterministic=true")
     full = run(tiny_model_dir, data_dir, tmp_path / "a", *args, "trainer.max_epochs=3")
     # an interrupted run: two epochs done and checkpointed, then killed (results.json still 'running')
@@ -117,7 +117,9 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
     res = json.loads((out / "results.json").read_text())
     res["status"] = "running"
     (out / "results.json").write_text(json.dumps(res))
+    caplog.set_level("INFO", logger="peft_lightning")
     resumed = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3", "ckpt_path=last")
+    assert any("resuming from" in r.message for r in caplog.records)
     assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
     for a, b in zip(full["history"], resumed["history"]):
         for part in ("dev", "train"):
@@ -127,6 +129,13 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
     # a complete run is not run again
     again = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3")
     assert again == json.loads((out / "results.json").read_text())
+    # force=true trains again from scratch (it does not resume the finished run's last.ckpt)
+    caplog.set_level("INFO", logger="peft_lightning")
+    caplog.clear()
+    forced = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3", "force=true")
+    assert not any("resuming from" in r.message for r in caplog.records)
+    assert [h["epoch"] for h in forced["history"]] == [1, 2, 3] and forced["steps"] == 18
+    assert forced["history"][0]["dev"] == full["history"][0]["dev"]
 
 
 def build(tiny_model_dir, adapter, seed=0, fuse=False):

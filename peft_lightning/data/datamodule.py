@@ -132,7 +132,9 @@ class MultiTaskDataModule(L.LightningDataModule):
                 raw = read_split(self.dir, task, split, layout, self.on_bad_row)
                 if raw.skipped:
                     log.warning("%s: skipped %d bad row(s), first: %s", raw.path, len(raw.skipped), raw.skipped[0])
-                enc = encode_split(raw, self.tokenizer, self.max_length, self.pair_encoding, self.cache_dir, self.tokenizer_id)
+                enc = encode_split(
+                    raw, self.tokenizer, self.max_length, self.pair_encoding, self.cache_dir, self.tokenizer_id
+                )
                 limit = {"train": self.limit_train, "dev": self.limit_eval}.get(split)
                 if limit is not None and len(enc) > limit:
                     g = torch.Generator().manual_seed(self.seed + (split == "dev"))

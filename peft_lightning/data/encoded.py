@@ -56,7 +56,11 @@ class EncodedSplit:
         segs = []
         for s in self.segments:
             pieces = [s.ids[s.offsets[i] : s.offsets[i + 1]] for i in rows.tolist()]
-            types = [s.token_types[s.offsets[i] : s.offsets[i + 1]] for i in rows.tolist()] if s.token_types is not None else None
+            types = (
+                [s.token_types[s.offsets[i] : s.offsets[i + 1]] for i in rows.tolist()]
+                if s.token_types is not None
+                else None
+            )
             segs.append(_pack(pieces, types))
         labels = self.labels[rows] if self.labels is not None else None
         return EncodedSplit(self.task, self.split, [self.ids[i] for i in rows.tolist()], labels, segs)
