@@ -206,12 +206,18 @@ def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
         w.writerows([[c.replace("**", "") for c in r] for r in rows])
 
 
-def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple[str, ...]) -> bool:
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple[str, ...]) -> bool:
+    plt = pyplot()
     points: dict[float, list[dict]] = {}
     for r in runs:
         if r.get("status") == "complete" and r.get("best") and key in overrides(r):
@@ -240,11 +246,7 @@ def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple
 
 
 def plot_epochs(path: Path, runs: list[dict]) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     done = [r for r in runs if r.get("history")]
     if not done:
         return False

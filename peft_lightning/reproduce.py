@@ -1,11 +1,11 @@
-"""`peft-reproduce budget=quick data.dir=...`: every study of a budget as Hydra sweeps, then the report.
+"""`peft-reproduce budget=quick data.dir=<folder>`: every study of a budget as Hydra sweeps, then the report.
 
 Each study is one `peft-train -m experiment=<study>` process (a crash in one study does not stop
 the next); jobs whose results.json is complete are skipped, so rerunning the same command resumes
 where it stopped. Other `key=value` arguments are passed to every sweep (for example
 `hydra/launcher=gpus hydra.launcher.n_jobs=8` or `budget.seeds=[1,2,3]`).
 
-    peft-reproduce budget=quick data.dir=../shared/data
+    peft-reproduce budget=quick data.dir=/path/to/data
     peft-reproduce budget=paper studies=[main,lora_rank] hydra/launcher=slurm
 """
 
