@@ -23,7 +23,7 @@ def mlp(dims: list[int], dropout: float) -> nn.Sequential:
         layers.append(nn.Linear(a, b))
         if i < len(dims) - 2:
             layers += [nn.ReLU(), nn.Dropout(dropout)]
-    return nn.Sequential(layers[0], *layers[1:]) if layers else nn.Sequential()
+    return nn.Sequential(*layers)
 
 
 class CosineHead(nn.Module):

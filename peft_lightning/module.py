@@ -170,6 +170,10 @@ class MultiTaskModule(L.LightningModule):
         return F.cross_entropy(output.float(), labels.long())
 
     @staticmethod
+    def target(task: str, labels: torch.Tensor) -> torch.Tensor:
+        return labels if TASKS[task].is_regression else labels.long()
+
+    @staticmethod
     def prediction(task: str, output: torch.Tensor) -> torch.Tensor:
         return output.float() if TASKS[task].is_regression else output.argmax(-1)
 
@@ -181,9 +185,7 @@ class MultiTaskModule(L.LightningModule):
             labels = batch[task]["labels"]
             loss = self.loss(task, out, labels)
             total = total + loss
-            self.train_metrics[task].update(
-                self.prediction(task, out.detach()), labels.long() if not TASKS[task].is_regression else labels
-            )
+            self.train_metrics[task].update(self.prediction(task, out.detach()), self.target(task, labels))
             self.log(f"train/{task}/loss", loss.detach(), prog_bar=True, batch_size=labels.shape[0])
         self.log("train/loss", total.detach(), batch_size=1)
         return total
@@ -191,9 +193,8 @@ class MultiTaskModule(L.LightningModule):
     def validation_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         for task, out in self(batch).items():
             labels = batch[task]["labels"]
-            target = labels if TASKS[task].is_regression else labels.long()
             pred = self.prediction(task, out)
-            self.val_metrics[task].update(pred, target)
+            self.val_metrics[task].update(pred, self.target(task, labels))
             if not self.trainer.sanity_checking:
                 self._val_outputs.setdefault(task, []).append((batch[task]["index"].detach(), pred.detach()))
 

@@ -17,17 +17,9 @@ from pathlib import Path
 
 from peft_lightning.results import RESULTS
 
-ORDER = [
-    "main",
-    "epochs",
-    "lora_rank",
-    "prefix_length",
-    "prefix_mlp",
-    "lora_scaling",
-    "lora_targets",
-    "multitask_vs_single",
-    "sts_head",
-]
+PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
+BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head"]
+ORDER = PAPER_STUDIES + BEYOND
 TITLES = {
     "main": "Main comparison (dev)",
     "epochs": "Epoch budgets: train and dev (overfitting)",
@@ -216,6 +208,17 @@ def pyplot():
     return plt
 
 
+def save_figure(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> bool:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple[str, ...]) -> bool:
     plt = pyplot()
     points: dict[float, list[dict]] = {}
@@ -235,14 +238,7 @@ def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple
             ax.plot(xs, ys, marker="o", color=color, linestyle="-" if p == "dev" else "--", label=f"{p} {t} {m}")
     ax.set_xscale("log", base=2)
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("score (best epoch)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, ax, path, xlabel, "score (best epoch)")
 
 
 def plot_epochs(path: Path, runs: list[dict]) -> bool:
@@ -256,14 +252,7 @@ def plot_epochs(path: Path, runs: list[dict]) -> bool:
         ep = [h["epoch"] for h in r["history"]]
         ax.plot(ep, [h.get("train_avg") for h in r["history"]], linestyle="--", color=f"C{i}", label=f"{name} train")
         ax.plot(ep, [h.get("dev_avg") for h in r["history"]], marker="o", color=f"C{i}", label=f"{name} dev")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("avg of SST-5 acc, QQP acc, STS-B Pearson")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
+    return save_figure(plt, fig, ax, path, "epoch", "avg of SST-5 acc, QQP acc, STS-B Pearson")
 
 
 def build_report(root: str | Path, out: str | Path | None = None) -> Path:

@@ -16,10 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from peft_lightning.report import build_report
-
-PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
-BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head"]
+from peft_lightning.report import BEYOND, PAPER_STUDIES, build_report
 
 
 def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
