@@ -3,9 +3,12 @@
 One step = SST-5 batch + both sentences of a QQP batch + both sentences of an STS-B batch (five
 encoder passes), per-task losses summed, backward, AdamW step. Both sides get the same weights and
 the same random token batches (fixed length, no padding) in one process on one device; each case
-prints one JSON line with ms/step (median of timed steps), samples/s (3 x B examples a step),
-peak memory and `ratio_vs_peft` (ours / theirs, lower is better). Random-init weights: speed does
-not depend on them. On CPU, peak memory is the process RSS high-water mark and is not per case.
+prints one JSON line per implementation with ms/step (median of timed steps, the two
+implementations' steps interleaved so that clock or cache drift hits both alike), samples/s
+(3 x B examples a step), peak memory and `ratio_vs_peft` (ours / theirs, lower is better).
+Random-init weights: speed does not depend on them. On CUDA, peak memory is what the
+implementation's steps allocate on top of what existed before it was built (its weights, gradients,
+optimizer state and activations); on CPU it is the process RSS high-water mark, not per case.
 
     peft-bench --device cpu --model minilm --batch-sizes 8
     peft-bench --device cuda --model bert_base --batch-sizes 8 32 --compile
@@ -123,26 +126,32 @@ def peft_step(model: PeftMultiTask, opt, batch: dict, amp: bool, device: torch.d
     opt.zero_grad(set_to_none=True)
 
 
-def timed(step, warmup: int, steps: int, device: torch.device) -> tuple[float, float]:
-    """Median ms/step and peak MiB (CUDA) after warmup."""
+def peak_and_warm(step, warmup: int, device: torch.device) -> float:
+    """Warm one implementation up; MiB its steps add on top of what was allocated before (CUDA)."""
+    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(warmup):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(1000 * (time.perf_counter() - t0))
-    peak = (
-        torch.cuda.max_memory_allocated() / 2**20
-        if device.type == "cuda"
-        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    )
-    return statistics.median(times), peak
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def alternate(steps: dict, n: int, device: torch.device) -> dict[str, float]:
+    """Median ms/step of each implementation, their steps interleaved (so drift hits both alike)."""
+    times = {k: [] for k in steps}
+    for _ in range(n):
+        for k, step in steps.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(1000 * (time.perf_counter() - t0))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
@@ -150,55 +159,64 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
 
     cfg = BertConfig(**MODELS[args.model], vocab_size=30522, attn_implementation="sdpa")
     torch.manual_seed(0)
-    hf = BertModel(cfg, add_pooling_layer=False).to(device)
+    hf = BertModel(cfg, add_pooling_layer=False)  # on CPU until its turn: its memory is not ours
     batch = make_batches(B, args.length, cfg.vocab_size, device)
     amp = device.type == "cuda"
+    fused_adam = device.type in ("cuda", "cpu")
     cls, kwargs = CASES[case]
-    rows = []
 
     # ours
-    enc = BertEncoder(cfg, add_pooler=False).to(device)
+    enc = BertEncoder(cfg, add_pooler=False)
     enc.load_state_dict(hf.state_dict())
-    adapter = cls(**kwargs)
-    module = MultiTaskModule(enc, adapter, pooling="cls", fuse_passes=args.fuse).to(device)
+    enc.to(device)
+    module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse).to(device)
     if device.type == "cuda":  # frozen weights stored once in the compute dtype
         for p in module.encoder.parameters():
             if not p.requires_grad and p.ndim >= 2:
                 p.data = p.data.to(torch.bfloat16)
-    if args.compile:
-        module.encoder.compile(dynamic=False)
-    module.train()
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
-    t_ours, mem_ours = timed(lambda: ours_step(module, opt, batch, amp), args.warmup, args.steps, device)
     heads = copy.deepcopy(module.heads)
+    if args.compile:
+        module.encoder.compile(dynamic=False, mode=args.compile_mode)
+    module.train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=fused_adam)
+    t0 = time.perf_counter()
+    ours = lambda: ours_step(module, opt, batch, amp)  # noqa: E731
+    ours()  # the first step compiles
+    first_ours = time.perf_counter() - t0
+    mem_ours = peak_and_warm(ours, args.warmup, device)
 
     # transformers + PEFT
     model = PeftMultiTask(
-        peft_model(case, hf, kwargs), heads, frozen=case == "frozen", prefix=case.startswith("prefix")
+        peft_model(case, hf.to(device), kwargs), heads, frozen=case == "frozen", prefix=case.startswith("prefix")
     ).to(device)
     model.train()
     if case == "frozen":
         model.model.eval()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=device.type == "cuda")
-    t_peft, mem_peft = timed(lambda: peft_step(model, opt, batch, amp, device), args.warmup, args.steps, device)
+    opt2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adam)
+    theirs = lambda: peft_step(model, opt2, batch, amp, device)  # noqa: E731
+    theirs()
+    mem_peft = peak_and_warm(theirs, args.warmup, device)
     trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
 
-    for impl, t, mem in (("ours", t_ours, mem_ours), ("hf_peft", t_peft, mem_peft)):
-        rows.append(
-            {
-                "case": case,
-                "impl": impl,
-                "device": device.type,
-                "model": args.model,
-                "batch_size": B,
-                "length": args.length,
-                "ms_per_step": round(t, 2),
-                "samples_per_s": round(3 * B / (t / 1000), 1),
-                "peak_mem_mib": round(mem, 1),
-                "encoder_trainable": trainable,
-                "ratio_vs_peft": round(t / t_peft, 3),
-            }
-        )
+    t = alternate({"ours": ours, "hf_peft": theirs}, args.steps, device)
+    rows = []
+    for impl, mem in (("ours", mem_ours), ("hf_peft", mem_peft)):
+        row = {
+            "case": case,
+            "impl": impl,
+            "device": device.type,
+            "model": args.model,
+            "batch_size": B,
+            "length": args.length,
+            "ms_per_step": round(t[impl], 2),
+            "samples_per_s": round(3 * B / (t[impl] / 1000), 1),
+            "peak_mem_mib": round(mem, 1),
+            "encoder_trainable": trainable,
+            "ratio_vs_peft": round(t[impl] / t["hf_peft"], 3),
+        }
+        if impl == "ours" and args.compile:
+            row["first_step_s"] = round(first_ours, 1)
+        rows.append(row)
     return rows
 
 
@@ -213,6 +231,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="one encoder call per step")
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (static shapes)")
+    parser.add_argument(
+        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune"
+    )
     parser.add_argument("--out", help="also append the JSON lines to this file")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -226,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.processor() or platform.machine(),
         "fuse": args.fuse,
         "compile": args.compile,
+        "compile_mode": args.compile_mode,
     }
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name()

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_lightning.ops import Dropout, add_low_rank, attention
+
 PrefixKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B or 1, heads, P, head_dim)
 
 
@@ -22,7 +24,7 @@ class BertEmbeddings(nn.Module):
         self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
         self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
         T = input_ids.shape[1]
@@ -71,7 +73,7 @@ class BertSelfAttention(nn.Module):
         out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
         if loras and not loras[0].merged:
             a = F.linear(h, torch.cat([m.lora_A for m in loras]))  # (B, T, 3r)
-            out = out + F.linear(a, torch.block_diag(*[m.lora_B for m in loras])) * loras[0].scale
+            out = add_low_rank(out, a, torch.block_diag(*[m.lora_B for m in loras]), loras[0].scale)
         return out.chunk(3, dim=-1)
 
     def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,7 +102,10 @@ class BertSelfAttention(nn.Module):
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, heads, P+T, head_dim)
             v = torch.cat([pv.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
         p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, heads, T, head_dim)
+        if p > 0 and h.device.type == "cpu" and not torch.compiler.is_compiling():
+            out = attention(q, k, v, mask, p)  # SDPA's math path, with a cheaper dropout mask draw
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, heads, T, head_dim)
         return out.transpose(1, 2).reshape(B, T, -1)
 
 
@@ -109,7 +114,7 @@ class BertSelfOutput(nn.Module):
         super().__init__()
         self.dense = nn.Linear(in_features, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+        self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)

@@ -21,9 +21,18 @@ def task_metrics(task: str) -> tm.MetricCollection:
     t = TASKS[task]
     if t.is_regression:
         return tm.MetricCollection({"pearson": tm.PearsonCorrCoef(), "spearman": tm.SpearmanCorrCoef()})
+    # validate_args=False: the value checks read tensors back to the host (a GPU sync every step);
+    # predictions and labels come from our own argmax and the data module's checked labels
     if t.num_labels == 2:
-        return tm.MetricCollection({"acc": tm.classification.BinaryAccuracy(), "f1": tm.classification.BinaryF1Score()})
-    return tm.MetricCollection({"acc": tm.classification.MulticlassAccuracy(t.num_labels, average="micro")})
+        return tm.MetricCollection(
+            {
+                "acc": tm.classification.BinaryAccuracy(validate_args=False),
+                "f1": tm.classification.BinaryF1Score(validate_args=False),
+            }
+        )
+    return tm.MetricCollection(
+        {"acc": tm.classification.MulticlassAccuracy(t.num_labels, average="micro", validate_args=False)}
+    )
 
 
 class MultiTaskModule(L.LightningModule):
@@ -257,7 +266,9 @@ class MultiTaskModule(L.LightningModule):
                 {"params": decay, "lr": lr, "weight_decay": self.optim["weight_decay"]},
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0},
             ]
-        fused = self.device.type in ("cuda", "cpu")  # one kernel per step instead of per-tensor ops
+        # one kernel per step instead of per-tensor ops; not with fp16's GradScaler (see clipping below)
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        fused = self.device.type in ("cuda", "cpu") and scaler is None
         opt = torch.optim.AdamW(
             [g for g in groups if g["params"]],
             lr=self.optim["lr"],
@@ -280,6 +291,24 @@ class MultiTaskModule(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip here when no gradient scaler is involved (fp32, bf16-mixed).
+
+        Lightning's mixed-precision plugin refuses to clip for a fused optimizer, because with fp16
+        its GradScaler unscales inside the fused step; bf16 has no scaler, so the gradients are the
+        true ones and can be clipped directly, on the device, without a host sync.
+        """
+        if gradient_clip_val is None or gradient_clip_val <= 0:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def param_parts(self) -> list[tuple[list[tuple[str, nn.Parameter]], float]]:
         """Trainable parameters split into encoder weights, adapter parameters and heads, with their lr."""

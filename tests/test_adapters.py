@@ -92,6 +92,29 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
     assert torch.equal(ours(ids, mask, types), unmerged)
 
 
+def test_lora_on_16_bit_frozen_weights_stays_unmerged():
+    """The GPU fast path keeps frozen weights in bf16, where W + BA would round most of BA away."""
+    _, ours = pair()
+    adapter = LoRA(rank=4)
+    adapter.attach(ours)
+    randomise_lora(ours)
+    for layer in adapter.layers:
+        layer.lora_B.data *= 1e-3  # a typical early-training update: far below bf16's resolution of W
+        layer.base.weight.data = layer.base.weight.data.to(torch.bfloat16)
+    ids, mask, types = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unmerged = ours(ids, mask, types)
+        adapter.merge()
+        assert not any(m.merged for m in adapter.layers)
+        assert torch.equal(ours(ids, mask, types), unmerged)
+    # what merging would have done: the rounded W + dW loses most of dW
+    layer = adapter.layers[0]
+    exact = layer.base.weight.float() + layer.delta_weight()
+    rounded = (layer.base.weight + layer.delta_weight().to(torch.bfloat16)).float()
+    kept = ((rounded - layer.base.weight.float()) - layer.delta_weight()).norm() / layer.delta_weight().norm()
+    assert kept > 0.3 and not torch.equal(rounded, exact)
+
+
 def bert_base_encoder(pooler: bool = True) -> BertEncoder:
     with torch.device("meta"):
         return BertEncoder(BertConfig(), add_pooler=pooler)

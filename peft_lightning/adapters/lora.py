@@ -27,6 +27,7 @@ from torch import nn
 
 from peft_lightning.adapters.base import Adapter, freeze
 from peft_lightning.encoder import BertEncoder
+from peft_lightning.ops import Dropout, add_low_rank
 
 SCALINGS = ("fixed", "alpha_over_r", "rslora")
 ALIASES = {
@@ -59,7 +60,7 @@ class LoRALinear(nn.Module):
             torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device)
         )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self._saved_weight: torch.Tensor | None = None
 
     @property
@@ -70,7 +71,7 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if self.merged:
             return y
-        return y + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return add_low_rank(y, F.linear(self.dropout(x), self.lora_A), self.lora_B, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale  # (out, in)
@@ -78,6 +79,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
+            return
+        if self.base.weight.dtype in (torch.bfloat16, torch.float16):
+            # A frozen weight kept in 16 bits (the GPU fast path) would round most of B A away:
+            # |dW| is often below half an ulp of |W|. Stay unmerged; the branch is computed apart.
             return
         # Keep the exact frozen weight: unmerge restores it bit for bit (W + dW - dW would not).
         self._saved_weight = self.base.weight.detach().clone()

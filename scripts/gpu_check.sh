@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The GPU checks of the fast path, as one script for a machine with one CUDA GPU (no internet needed).
+#
+#   OUT=<dir> DATA=<data dir> bash scripts/gpu_check.sh [seconds]
+#
+# In order, each under its own time limit and all within [seconds] (default 420):
+#   1. pytest -m gpu (fast path = fp32 reference losses on a tiny model)
+#   2. peft-bench, eager, bert-base shape, B=8 and 32, L=128, all cases
+#   3. a short MiniLM LoRA run (2000 rows a task, 2 epochs) without and with the fast path
+#   4. peft-bench with the compiled encoder, LoRA r=8 and full, B=32 then 8
+# Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast}.json (their results.json).
+set -u
+OUT=${OUT:-gpu_check}
+DATA=${DATA:-data}
+BUDGET=${1:-420}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+start=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - start))); }
+step() { # step <max seconds> <name> <command...>
+    local max=$1 name=$2
+    shift 2
+    local t
+    t=$(left)
+    ((t > max)) && t=$max
+    if ((t < 30)); then
+        echo "== $name: skipped, $(left) s left"
+        return
+    fi
+    echo "== $name (limit $t s) $(date +%T)"
+    timeout -k 5 "$t" "$@"
+    echo "== $name: exit $? after $(($(date +%s) - start)) s"
+}
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
+    step 90 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py
+    step 150 bench-eager python3 -m peft_lightning.bench --device cuda --model bert_base --batch-sizes 8 32 --length 128 --out "$OUT/bench.jsonl"
+    common="model=minilm data.dir=$DATA adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast"
+    step 120 train-ref python3 -m peft_lightning.train study=gpu_ref $common trainer.precision=32-true model.fuse_passes=false
+    step 150 train-fast python3 -m peft_lightning.train study=gpu_fast $common model.fuse_passes=true model.compile=true data.pad_to_multiple_of=16
+    for v in ref fast; do
+        f=$(find outputs/gpu_$v -name results.json 2>/dev/null | head -1)
+        [ -n "$f" ] && cp "$f" "$OUT/train-$v.json"
+    done
+    step 240 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base --batch-sizes 32 8 --length 128 --cases lora_r8 full --compile --out "$OUT/bench.jsonl"
+    echo "== done after $(($(date +%s) - start)) s"
+} 2>&1 | tee "$OUT/log.txt"
