@@ -126,11 +126,17 @@ def peft_step(model: PeftMultiTask, opt, batch: dict, amp: bool, device: torch.d
     opt.zero_grad(set_to_none=True)
 
 
-def peak_and_warm(step, warmup: int, device: torch.device) -> float:
-    """Warm one implementation up; MiB its steps add on top of what was allocated before (CUDA)."""
-    base = torch.cuda.memory_allocated() if device.type == "cuda" else 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def allocated(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_and_warm(step, warmup: int, device: torch.device, base: int) -> float:
+    """Warm one implementation up; its peak MiB above `base`, the allocation before it was built (CUDA):
+    its weights, gradients, optimizer state and activations, not the other implementation's."""
     for _ in range(warmup):
         step()
     if device.type == "cuda":
@@ -166,6 +172,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     cls, kwargs = CASES[case]
 
     # ours
+    base = allocated(device)
     enc = BertEncoder(cfg, add_pooler=False)
     enc.load_state_dict(hf.state_dict())
     enc.to(device)
@@ -183,9 +190,10 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     ours = lambda: ours_step(module, opt, batch, amp)  # noqa: E731
     ours()  # the first step compiles
     first_ours = time.perf_counter() - t0
-    mem_ours = peak_and_warm(ours, args.warmup, device)
+    mem_ours = peak_and_warm(ours, args.warmup, device, base)
 
     # transformers + PEFT
+    base = allocated(device)
     model = PeftMultiTask(
         peft_model(case, hf.to(device), kwargs), heads, frozen=case == "frozen", prefix=case.startswith("prefix")
     ).to(device)
@@ -195,7 +203,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     opt2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused_adam)
     theirs = lambda: peft_step(model, opt2, batch, amp, device)  # noqa: E731
     theirs()
-    mem_peft = peak_and_warm(theirs, args.warmup, device)
+    mem_peft = peak_and_warm(theirs, args.warmup, device, base)
     trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
 
     t = alternate({"ours": ours, "hf_peft": theirs}, args.steps, device)

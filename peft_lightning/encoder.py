@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.ops import Dropout, add_low_rank, attention
+from peft_lightning.ops import Dropout, attention, low_rank_linear
 
 PrefixKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B or 1, heads, P, head_dim)
 
@@ -70,10 +70,12 @@ class BertSelfAttention(nn.Module):
             return self.query(h), self.key(h), self.value(h)
         bases = [getattr(m, "base", m) for m in mods]
         weight, bias = self._stacked(bases)
-        out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
         if loras and not loras[0].merged:
-            a = F.linear(h, torch.cat([m.lora_A for m in loras]))  # (B, T, 3r)
-            out = add_low_rank(out, a, torch.block_diag(*[m.lora_B for m in loras]), loras[0].scale)
+            a = torch.cat([m.lora_A for m in loras])  # (3r, hidden)
+            b = torch.block_diag(*[m.lora_B for m in loras])  # (3 hidden, 3r)
+            out = low_rank_linear(h, weight, bias, a, b, loras[0].scale)
+        else:
+            out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
         return out.chunk(3, dim=-1)
 
     def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,8 +118,12 @@ class BertSelfOutput(nn.Module):
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if gelu:  # x is the FFN pre-activation; a LoRA layer applies GELU itself (and recomputes it)
+            y = self.dense(x, gelu=True) if getattr(self.dense, "takes_gelu", False) else self.dense(F.gelu(x))
+        else:
+            y = self.dense(x)
+        return self.LayerNorm(self.dropout(y) + residual)
 
 
 class BertAttention(nn.Module):
@@ -142,7 +148,7 @@ class BertLayer(nn.Module):
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, prefix_kv: PrefixKV | None = None) -> torch.Tensor:
         h = self.attention.output(self.attention.self(h, mask, prefix_kv), h)
-        return self.output(F.gelu(self.intermediate.dense(h)), h)
+        return self.output(self.intermediate.dense(h), h, gelu=True)
 
 
 class BertStack(nn.Module):

@@ -52,3 +52,66 @@ def add_low_rank(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     """
     out = torch.addmm(y.reshape(-1, y.shape[-1]), a.reshape(-1, a.shape[-1]), b.t(), alpha=scale)
     return out.view(y.shape)
+
+
+class _LowRankLinear(torch.autograd.Function):
+    """y = act(x) W^T + b + s (act(x) A^T) B^T with W, b frozen; act is identity or GELU.
+
+    Saves only x and the (N, r) product a = act(x) A^T: with GELU in front (FFN output layer), the
+    (N, 3072) GELU output that autograd would keep for A's gradient is recomputed instead, which is
+    LoRA's one real activation saving over full fine-tuning. The backward writes the input gradient
+    once (g W, then g_a A accumulated in place) and skips it when the input needs no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, gelu: bool):
+        h = F.gelu(x) if gelu else x
+        h2 = h.reshape(-1, h.shape[-1])
+        a = h2 @ lora_a.t()  # (N, r)
+        y = torch.addmm(bias, h2, weight.t()) if bias is not None else h2 @ weight.t()
+        y.addmm_(a, lora_b.t(), alpha=scale)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, a)
+        ctx.scale, ctx.gelu = scale, gelu
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, lora_a, lora_b, a = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1])
+        grad_b = torch.mm(g.t(), a).mul_(ctx.scale)  # (out, r)
+        g_a = torch.mm(g, lora_b).mul_(ctx.scale)  # (N, r)
+        h = F.gelu(x) if ctx.gelu else x
+        grad_a = torch.mm(g_a.t(), h.reshape(-1, h.shape[-1]))  # (r, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, weight).addmm_(g_a, lora_a).view(x.shape)
+            if ctx.gelu:
+                grad_x = torch.ops.aten.gelu_backward(grad_x, x)
+        return grad_x, None, None, grad_a, grad_b, None, None
+
+
+def low_rank_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    gelu: bool = False,
+) -> torch.Tensor:
+    """LoRA linear layer (optionally with GELU on its input) for frozen `weight`/`bias`, trainable A, B.
+
+    x: (..., in) (the pre-activation when `gelu`); weight: (out, in); lora_a: (r, in); lora_b: (out, r).
+    Under autocast every operand is cast to the autocast dtype first, as `F.linear` would.
+    Under torch.compile the plain composition is used: Inductor fuses and rematerialises it itself.
+    """
+    if torch.compiler.is_compiling() or weight.requires_grad or (bias is not None and bias.requires_grad):
+        h = F.gelu(x) if gelu else x
+        return add_low_rank(F.linear(h, weight, bias), F.linear(h, lora_a), lora_b, scale)
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        args = [t if t is None else t.to(dtype) for t in (x, weight, bias, lora_a, lora_b)]
+        with torch.autocast(device, enabled=False):
+            return _LowRankLinear.apply(*args, scale, gelu)
+    return _LowRankLinear.apply(x, weight, bias, lora_a, lora_b, scale, gelu)

@@ -8,11 +8,14 @@
 #   2. peft-bench, eager, bert-base shape, B=8 and 32, L=128, all cases
 #   3. a short MiniLM LoRA run (2000 rows a task, 2 epochs) without and with the fast path
 #   4. peft-bench with the compiled encoder, LoRA r=8 and full, B=32 then 8
+# STAGES picks and orders them (default "pytest bench train compiled"); CASES the bench cases.
 # Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast}.json (their results.json).
 set -u
 OUT=${OUT:-gpu_check}
 DATA=${DATA:-data}
 BUDGET=${1:-420}
+STAGES=${STAGES:-pytest bench train compiled}
+CASES=${CASES:-frozen full lora_r8 lora_r64 prefix_p4_mlp prefix_p4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
@@ -34,15 +37,24 @@ step() { # step <max seconds> <name> <command...>
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
-    step 90 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py
-    step 150 bench-eager python3 -m peft_lightning.bench --device cuda --model bert_base --batch-sizes 8 32 --length 128 --out "$OUT/bench.jsonl"
-    common="model=minilm data.dir=$DATA adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast"
-    step 120 train-ref python3 -m peft_lightning.train study=gpu_ref $common trainer.precision=32-true model.fuse_passes=false
-    step 150 train-fast python3 -m peft_lightning.train study=gpu_fast $common model.fuse_passes=true model.compile=true data.pad_to_multiple_of=16
-    for v in ref fast; do
-        f=$(find outputs/gpu_$v -name results.json 2>/dev/null | head -1)
-        [ -n "$f" ] && cp "$f" "$OUT/train-$v.json"
+    for stage in $STAGES; do
+        case $stage in
+        pytest) step 120 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py ;;
+        bench) step 150 bench-eager python3 -m peft_lightning.bench --device cuda --model bert_base \
+            --batch-sizes 8 32 --length 128 --cases $CASES --out "$OUT/bench.jsonl" ;;
+        train)
+            common="model=minilm data.dir=$DATA adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast"
+            step 120 train-ref python3 -m peft_lightning.train study=gpu_ref $common trainer.precision=32-true model.fuse_passes=false
+            step 150 train-fast python3 -m peft_lightning.train study=gpu_fast $common model.fuse_passes=true \
+                model.compile=true data.pad_to_multiple_of=16
+            for v in ref fast; do
+                f=$(find outputs/gpu_$v -name results.json 2>/dev/null | head -1)
+                [ -n "$f" ] && cp "$f" "$OUT/train-$v.json"
+            done
+            ;;
+        compiled) step 240 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base \
+            --batch-sizes 32 8 --length 128 --cases lora_r8 full --compile --out "$OUT/bench.jsonl" ;;
+        esac
     done
-    step 240 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base --batch-sizes 32 8 --length 128 --cases lora_r8 full --compile --out "$OUT/bench.jsonl"
     echo "== done after $(($(date +%s) - start)) s"
 } 2>&1 | tee "$OUT/log.txt"

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import Dropout, add_low_rank, attention, dropout
+from peft_lightning.ops import Dropout, add_low_rank, attention, dropout, low_rank_linear
 
 
 def test_dropout_keeps_one_minus_p_and_rescales():
@@ -63,3 +63,58 @@ def test_add_low_rank_is_y_plus_scaled_ab_with_gradients():
     want_grads = torch.autograd.grad((want * w).sum(), (y, a, b))
     for got, exp in zip(grads, want_grads):
         assert torch.allclose(got, exp, atol=1e-5)
+
+
+def reference_low_rank(x, w, bias, a, b, scale, gelu):
+    h = F.gelu(x) if gelu else x
+    return F.linear(h, w, bias) + scale * F.linear(F.linear(h, a), b)
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("input_grad", [True, False])
+def test_low_rank_linear_matches_the_composition(gelu, input_grad):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 12, generator=g, requires_grad=input_grad)
+    w, bias = torch.randn(7, 12, generator=g), torch.randn(7, generator=g)  # frozen
+    a = torch.randn(3, 12, generator=g, requires_grad=True)
+    b = torch.randn(7, 3, generator=g, requires_grad=True)
+    out = low_rank_linear(x, w, bias, a, b, 0.7, gelu)
+    want = reference_low_rank(x, w, bias, a, b, 0.7, gelu)
+    assert torch.allclose(out, want, atol=1e-5)
+    upstream = torch.randn(2, 5, 7, generator=g)
+    inputs = (x, a, b) if input_grad else (a, b)
+    for got, exp in zip(
+        torch.autograd.grad((out * upstream).sum(), inputs), torch.autograd.grad((want * upstream).sum(), inputs)
+    ):
+        assert torch.allclose(got, exp, atol=1e-4)
+
+
+def test_low_rank_linear_under_autocast_and_what_it_keeps():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 48, generator=g, requires_grad=True)
+    w, bias = torch.randn(16, 48, generator=g).bfloat16(), torch.randn(16, generator=g).bfloat16()
+    a = torch.randn(2, 48, generator=g, requires_grad=True)
+    b = torch.randn(16, 2, generator=g, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = low_rank_linear(x, w, bias, a, b, 1.0, gelu=True)
+        want = reference_low_rank(x, w, bias, a, b, 1.0, gelu=True)
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - want.float()).norm() / want.float().norm() < 1e-2  # bf16 rounding only
+    out.float().sum().backward()
+    assert a.grad.dtype == torch.float32 and a.grad.abs().sum() > 0 and x.grad is not None
+
+    def saved_bytes(fn) -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn()
+        return sum(seen.values())
+
+    big = torch.randn(256, 48, requires_grad=True)
+    fused = saved_bytes(lambda: low_rank_linear(big, w.float(), bias.float(), a, b, 1.0, gelu=True))
+    plain = saved_bytes(lambda: reference_low_rank(big, w.float(), bias.float(), a, b, 1.0, gelu=True))
+    assert fused < plain - 256 * 48 * 4 * 0.9  # GELU's (N, in) output is not kept

@@ -27,7 +27,7 @@ from torch import nn
 
 from peft_lightning.adapters.base import Adapter, freeze
 from peft_lightning.encoder import BertEncoder
-from peft_lightning.ops import Dropout, add_low_rank
+from peft_lightning.ops import Dropout, add_low_rank, low_rank_linear
 
 SCALINGS = ("fixed", "alpha_over_r", "rslora")
 ALIASES = {
@@ -67,7 +67,12 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return self._saved_weight is not None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if not self.merged and isinstance(self.dropout, nn.Identity):
+            return low_rank_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, gelu)
+        x = F.gelu(x) if gelu else x
         y = self.base(x)
         if self.merged:
             return y
