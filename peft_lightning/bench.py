@@ -30,7 +30,7 @@ from torch import nn
 
 from peft_lightning.adapters import Frozen, Full, LoRA, Prefix
 from peft_lightning.encoder import BertEncoder
-from peft_lightning.module import MultiTaskModule
+from peft_lightning.module import MultiTaskModule, store_frozen_in
 
 MODELS = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -177,10 +177,8 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     enc.load_state_dict(hf.state_dict())
     enc.to(device)
     module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse).to(device)
-    if device.type == "cuda":  # frozen weights stored once in the compute dtype
-        for p in module.encoder.parameters():
-            if not p.requires_grad and p.ndim >= 2:
-                p.data = p.data.to(torch.bfloat16)
+    if device.type == "cuda":  # frozen weights stored once in the compute dtype, as on_fit_start does
+        store_frozen_in(module.encoder, torch.bfloat16)
     heads = copy.deepcopy(module.heads)
     if args.compile:
         module.encoder.compile(dynamic=False, mode=args.compile_mode)

@@ -8,7 +8,7 @@ import torch
 from peft_lightning.adapters import LoRA, Prefix
 from peft_lightning.backbone import load_backbone
 from peft_lightning.data import MultiTaskDataModule
-from peft_lightning.module import MultiTaskModule
+from peft_lightning.module import MultiTaskModule, store_frozen_in
 
 
 def losses(
@@ -62,9 +62,7 @@ def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool = False,
     for layer in module.encoder.encoder.layer:
         layer.attention.self.fuse_qkv = fast
     if fast:
-        for p in module.encoder.parameters():
-            if not p.requires_grad and p.ndim >= 2:
-                p.data = p.data.to(torch.bfloat16)
+        store_frozen_in(module.encoder, torch.bfloat16)
     if compile:
         module.encoder.compile()
     dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16 if fast else 1)
@@ -93,3 +91,17 @@ def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_pat
     fast = gpu_losses(model_dir, data_dir, tmp_path, fast=True, compile=compile)
     assert ref == pytest.approx(fast, rel=5e-2, abs=5e-2)  # bf16 activations: a few 1e-2 after 6 steps
     assert ref[0] != pytest.approx(ref[-1], abs=1e-2)
+
+
+def test_frozen_weights_are_stored_once_in_the_compute_dtype():
+    from test_encoder import pair
+
+    _, enc = pair()
+    LoRA(rank=2).attach(enc)
+    store_frozen_in(enc, torch.bfloat16)
+    layer = enc.encoder.layer[0]
+    assert layer.intermediate.dense.base.weight.dtype == torch.bfloat16
+    assert layer.intermediate.dense.base.bias.dtype == torch.bfloat16
+    assert enc.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+    assert layer.output.LayerNorm.weight.dtype == torch.float32  # autocast runs LayerNorm in fp32
+    assert all(p.dtype == torch.float32 for p in enc.parameters() if p.requires_grad)  # LoRA A, B
