@@ -26,13 +26,20 @@ def losses(
     module.eval()  # no dropout: both paths see the same function
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-2, fused=fast, foreach=None if fast else False)
+    return run_steps(module, dm, opt, steps)
+
+
+def run_steps(module, dm, opt, steps: int, bf16: bool = False) -> list[float]:
+    """Summed task losses of `steps` training steps (batches moved to the module's device)."""
     out = []
     for batch, _ in zip(dm.train_dataloader(), range(steps)):
-        loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+        batch = module.transfer_batch_to_device(batch, module.device, 0)
+        with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
         loss.backward()
         opt.step()
         opt.zero_grad()
-        out.append(float(loss))
+        out.append(float(loss.detach()))
     return out
 
 
@@ -69,16 +76,7 @@ def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool = False,
     dm.setup()
     module.eval()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2, fused=fast)
-    out = []
-    for batch, _ in zip(dm.train_dataloader(), range(steps)):
-        batch = module.transfer_batch_to_device(batch, module.device, 0)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=fast):
-            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        out.append(float(loss))
-    return out
+    return run_steps(module, dm, opt, steps, bf16=fast)
 
 
 @pytest.mark.gpu

@@ -173,3 +173,34 @@ def test_fused_passes_give_the_same_losses(tiny_model_dir, data_dir, tmp_path):
         la = plain.loss(task, a[task], batch[task]["labels"])
         lb = fused.loss(task, b[task], batch[task]["labels"])
         assert torch.allclose(la, lb, atol=1e-5), task
+
+
+def test_train_losses_are_logged_as_means_over_each_logging_interval(tiny_model_dir, data_dir, tmp_path):
+    import lightning as L
+    from lightning.pytorch.loggers import CSVLogger
+
+    module, bb = build(tiny_model_dir, LoRA(rank=2))
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path)
+    steps: list[float] = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps.append(float(outputs["loss"]))
+
+    trainer = L.Trainer(
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="log"),
+        log_every_n_steps=3,
+        callbacks=[Record()],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, dm)
+    assert len(steps) == 6
+    rows = [r for r in csv.DictReader(open(tmp_path / "log" / "version_0" / "metrics.csv")) if r["train/loss"]]
+    assert [int(r["step"]) for r in rows] == [2, 5]
+    for r, window in zip(rows, (steps[:3], steps[3:])):
+        assert float(r["train/loss"]) == pytest.approx(sum(window) / 3, rel=1e-5)
+        assert float(r["train/sst5/loss"]) > 0 and float(r["train/stsb/loss"]) > 0

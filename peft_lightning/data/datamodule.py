@@ -10,7 +10,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from peft_lightning.data.encoded import EncodedSplit, collate, encode_split
+from peft_lightning.data.encoded import EncodedSplit, collate, encode_split, tokenizer_fingerprint
 from peft_lightning.data.readers import detect_layout, read_split
 from peft_lightning.data.schedules import Key, ScheduleSampler
 from peft_lightning.tasks import SPLITS, get_tasks
@@ -127,6 +127,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.splits:
             return
         layout = detect_layout(self.dir)
+        if self.cache_dir is not None and self.tokenizer_id is None:  # once, not per split (~0.1 s each)
+            self.tokenizer_id = tokenizer_fingerprint(self.tokenizer)
         for task in self.tasks:
             for split in SPLITS:
                 raw = read_split(self.dir, task, split, layout, self.on_bad_row)
