@@ -102,11 +102,23 @@ def low_rank_linear(
     scale: float,
     gelu: bool = False,
 ) -> torch.Tensor:
-    """LoRA linear layer (optionally with GELU on its input) for frozen `weight`/`bias`, trainable A, B.
+    """A LoRA linear layer, optionally with GELU in front: `act(x) W^T + b + scale * act(x) A^T B^T`.
 
-    x: (..., in) (the pre-activation when `gelu`); weight: (out, in); lora_a: (r, in); lora_b: (out, r).
-    Under autocast every operand is cast to the autocast dtype first, as `F.linear` would.
-    Under torch.compile the plain composition is used: Inductor fuses and rematerialises it itself.
+    Under autocast every operand is cast to the autocast dtype first, as `F.linear` would. Under
+    torch.compile (or with a trainable W or b) the plain composition is used instead: Inductor fuses
+    and rematerialises it itself.
+
+    Args:
+        x: (..., in); the pre-activation when `gelu`.
+        weight: (out, in), frozen.
+        bias: (out,) or None, frozen.
+        lora_a: (r, in).
+        lora_b: (out, r).
+        scale: the LoRA scale g.
+        gelu: apply GELU to `x` first (recomputed in backward, not kept).
+
+    Returns:
+        (..., out).
     """
     if torch.compiler.is_compiling() or weight.requires_grad or (bias is not None and bias.requires_grad):
         h = F.gelu(x) if gelu else x
