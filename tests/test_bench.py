@@ -1,0 +1,34 @@
+"""peft-bench: one JSON line per implementation and case, ratios against PEFT from the same run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("peft")
+
+from peft_lightning import bench  # noqa: E402
+
+
+def test_bench_prints_one_line_per_impl_with_ratios(tmp_path, capsys):
+    out = tmp_path / "bench.jsonl"
+    argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8"]
+    bench.main([*argv, "--cases", "lora_r8", "frozen", "--steps", "2", "--warmup", "1", "--out", str(out)])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == printed
+    header, rows = printed[0], printed[1:]
+    assert header["bench"] == "peft-lightning" and header["fuse"] is True and header["compile"] is False
+    assert [(r["case"], r["impl"]) for r in rows] == [
+        ("lora_r8", "ours"),
+        ("lora_r8", "hf_peft"),
+        ("frozen", "ours"),
+        ("frozen", "hf_peft"),
+    ]
+    for ours, theirs in (rows[0:2], rows[2:4]):
+        assert theirs["ratio_vs_peft"] == 1.0
+        assert ours["ratio_vs_peft"] == pytest.approx(ours["ms_per_step"] / theirs["ms_per_step"], abs=2e-3)
+        assert ours["samples_per_s"] == pytest.approx(3 * 2 / (ours["ms_per_step"] / 1000), rel=1e-2)
+    # tiny: 2 layers x r (in + out) over q, k, v, o (64 + 64 each), intermediate (64 + 128), output (128 + 64)
+    assert rows[0]["encoder_trainable"] == 2 * 8 * (4 * 128 + 192 + 192) == 14336
+    assert rows[2]["encoder_trainable"] == 0
