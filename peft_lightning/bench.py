@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune"
     )
-    parser.add_argument("--out", help="also append the JSON lines to this file")
+    parser.add_argument("--out", help="also append each JSON line to this file as it is printed")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
@@ -257,16 +257,19 @@ def main(argv: list[str] | None = None) -> None:
     }
     if device.type == "cuda":
         header["gpu"] = torch.cuda.get_device_name()
-    lines = [json.dumps(header)]
-    print(lines[0], flush=True)
+
+    def emit(record: dict) -> None:  # line by line: a run stopped part-way keeps what it measured
+        line = json.dumps(record)
+        print(line, flush=True)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(line + "\n")
+
+    emit(header)
     for B in args.batch_sizes:
         for case in args.cases:
             for row in run_case(case, B, args, device):
-                lines.append(json.dumps(row))
-                print(lines[-1], flush=True)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write("\n".join(lines) + "\n")
+                emit(row)
 
 
 if __name__ == "__main__":
