@@ -281,8 +281,7 @@ class MultiTaskModule(L.LightningModule):
                 {"params": no_decay, "lr": lr, "weight_decay": 0.0},
             ]
         # one kernel per step instead of per-tensor ops; not with fp16's GradScaler (see clipping below)
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        fused = self.device.type in ("cuda", "cpu") and scaler is None
+        fused = self.device.type in ("cuda", "cpu") and self._grad_scaler is None
         opt = torch.optim.AdamW(
             [g for g in groups if g["params"]],
             lr=self.optim["lr"],
@@ -306,6 +305,11 @@ class MultiTaskModule(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    @property
+    def _grad_scaler(self):
+        """fp16-mixed's GradScaler, or None (fp32, bf16-mixed)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip here when no gradient scaler is involved (fp32, bf16-mixed).
 
@@ -315,8 +319,7 @@ class MultiTaskModule(L.LightningModule):
         """
         if gradient_clip_val is None or gradient_clip_val <= 0:
             return
-        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
-        if scaler is not None:
+        if self._grad_scaler is not None:
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if gradient_clip_algorithm == "value":

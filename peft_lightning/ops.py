@@ -5,7 +5,8 @@ On CPU, PyTorch's dropout draws its mask with `bernoulli_`, about 7 ns an elemen
 the boolean attention mask in every layer. A BERT training step draws ~25M mask elements, so that
 is a fifth of a MiniLM LoRA step. Here the mask comes from one 31-bit integer per element compared
 with round(p * 2^31) (the same Bernoulli(1 - p) keep probability to 5e-10, at ~2.5 ns an element),
-and CPU training attention is written out with an additive mask bias computed once per forward.
+and CPU training attention is written out with an additive mask bias (SDPA's math path, without
+its per-layer re-derivation checks on the boolean mask).
 On CUDA both stay PyTorch's fused kernels.
 """
 

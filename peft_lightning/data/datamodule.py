@@ -127,7 +127,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         if self.splits:
             return
         layout = detect_layout(self.dir)
-        if self.cache_dir is not None and self.tokenizer_id is None:  # once, not per split (~0.1 s each)
+        if self.tokenizer_id is None:  # the cache key's tokenizer part: once, not per split (~0.1 s each)
             self.tokenizer_id = tokenizer_fingerprint(self.tokenizer)
         for task in self.tasks:
             for split in SPLITS:
