@@ -5,13 +5,16 @@ encoder passes), per-task losses summed, backward, AdamW step. Both sides get th
 the same random token batches (fixed length, no padding) in one process on one device; each case
 prints one JSON line per implementation with ms/step (median of timed steps, the two
 implementations' steps interleaved so that clock or cache drift hits both alike), samples/s
-(3 x B examples a step), peak memory and `ratio_vs_peft` (ours / theirs, lower is better).
+(3 x B examples a step), peak memory, `ops_per_step` (aten ops the step dispatches, views left out:
+about the kernels it launches, the count that bounds a launch-bound GPU step) and `ratio_vs_peft`
+(ours / theirs, lower is better).
 Random-init weights: speed does not depend on them. On CUDA, peak memory is what the
 implementation's steps allocate on top of what existed before it was built (its weights, gradients,
 optimizer state and activations); on CPU it is the process RSS high-water mark, not per case.
 
     peft-bench --device cpu --model minilm --batch-sizes 8
     peft-bench --device cuda --model bert_base --batch-sizes 8 32 --compile
+    peft-bench --device cpu --model bert_base --bf16 --batch-sizes 2 --length 16 --steps 3   # GPU-path op counts
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import time
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_lightning.adapters import Frozen, Full, LoRA, Prefix
 from peft_lightning.encoder import BertEncoder
@@ -45,6 +49,33 @@ CASES = {
     "prefix_p4_mlp": (Prefix, {"length": 4, "mlp": True}),
     "prefix_p4": (Prefix, {"length": 4, "mlp": False}),
 }
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts the aten ops dispatched inside it, views and other metadata-only ops left out."""
+
+    METADATA = {
+        "view", "_unsafe_view", "t", "transpose", "expand", "slice", "select", "split", "split_with_sizes",
+        "detach", "alias", "as_strided", "unsqueeze", "squeeze", "permute", "unbind", "narrow", "lift_fresh",
+        "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "_reshape_alias",
+        "view_as", "reshape", "unflatten", "diagonal", "_local_scalar_dense", "is_same_size",
+        "_has_compatible_shallow_copy_type", "_record_function_enter_new", "_record_function_exit",
+    }  # fmt: skip
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name.split("::")[-1] not in self.METADATA:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(step) -> int:
+    with OpCounter() as counter:
+        step()
+    return counter.count
 
 
 def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
@@ -167,7 +198,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     torch.manual_seed(0)
     hf = BertModel(cfg, add_pooling_layer=False)  # on CPU until its turn: its memory is not ours
     batch = make_batches(B, args.length, cfg.vocab_size, device)
-    amp = device.type == "cuda"
+    amp = args.bf16
     cls, kwargs = CASES[case]
 
     # ours
@@ -176,7 +207,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     enc.load_state_dict(hf.state_dict())
     enc.to(device)
     module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse).to(device)
-    if device.type == "cuda":  # frozen weights stored once in the compute dtype, as on_fit_start does
+    if amp:  # frozen weights stored once in the compute dtype, as on_fit_start does
         store_frozen_in(module.encoder, torch.bfloat16)
     heads = copy.deepcopy(module.heads)
     if args.compile:
@@ -188,6 +219,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     ours()  # the first step compiles
     first_ours = time.perf_counter() - t0
     mem_ours = peak_and_warm(ours, args.warmup, device, base)
+    ops_ours = None if args.compile else count_ops(ours)
 
     # transformers + PEFT
     base = allocated(device)
@@ -201,11 +233,12 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     theirs = lambda: peft_step(model, opt2, batch, amp, device)  # noqa: E731
     theirs()
     mem_peft = peak_and_warm(theirs, args.warmup, device, base)
+    ops_peft = count_ops(theirs)
     trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
 
     t = alternate({"ours": ours, "hf_peft": theirs}, args.steps, device)
     rows = []
-    for impl, mem in (("ours", mem_ours), ("hf_peft", mem_peft)):
+    for impl, mem, ops in (("ours", mem_ours, ops_ours), ("hf_peft", mem_peft, ops_peft)):
         row = {
             "case": case,
             "impl": impl,
@@ -217,6 +250,7 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
             "samples_per_s": round(3 * B / (t[impl] / 1000), 1),
             "peak_mem_mib": round(mem, 1),
             "encoder_trainable": trainable,
+            "ops_per_step": ops,
             "ratio_vs_peft": round(t[impl] / t["hf_peft"], 3),
         }
         if impl == "ours" and args.compile:
@@ -235,6 +269,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="one encoder call per step")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="bf16 autocast and frozen weights in bf16 (default: on CUDA only)",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (static shapes)")
     parser.add_argument(
         "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune"
@@ -242,6 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", help="also append each JSON line to this file as it is printed")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.bf16 is None:
+        args.bf16 = device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -251,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.processor() or platform.machine(),
         "fuse": args.fuse,
+        "bf16": args.bf16,
         "compile": args.compile,
         "compile_mode": args.compile_mode,
     }

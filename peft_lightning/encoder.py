@@ -48,6 +48,19 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
         self.fuse_qkv = True
         self._frozen_qkv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self.cast_qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # set by LoRA for one pass
+
+    def fused_loras(self) -> tuple | None:
+        """The three LoRA layers when q, k, v are all LoRA and can share one product (see `project_qkv`)."""
+        loras = [m for m in (self.query, self.key, self.value) if hasattr(m, "lora_A")]
+        if (
+            self.fuse_qkv
+            and len(loras) == 3
+            and len({(m.rank, m.scale, m.merged) for m in loras}) == 1
+            and not hasattr(loras[0].dropout, "p")
+        ):
+            return tuple(loras)
+        return None
 
     def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k, v projections; one GEMM for the three (and one for their LoRA A's) when fusable.
@@ -55,24 +68,21 @@ class BertSelfAttention(nn.Module):
         The three layers share their input, so [Wq; Wk; Wv] x is one (3h x h) product instead of
         three; with LoRA, [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
         back to the three modules when they differ in kind (LoRA on some only) or use LoRA dropout.
+        `cast_qkv`, when the adapter has set it for this pass, holds those two matrices already in
+        the autocast dtype.
         """
         mods = (self.query, self.key, self.value)
-        loras = [m for m in mods if hasattr(m, "lora_A")]
-        fusable = self.fuse_qkv and (
-            not loras
-            or (
-                len(loras) == 3
-                and len({(m.rank, m.scale, m.merged) for m in loras}) == 1
-                and not hasattr(loras[0].dropout, "p")
-            )
-        )
-        if not fusable:
+        loras = self.fused_loras()
+        if not self.fuse_qkv or (loras is None and any(hasattr(m, "lora_A") for m in mods)):
             return self.query(h), self.key(h), self.value(h)
         bases = [getattr(m, "base", m) for m in mods]
         weight, bias = self._stacked(bases)
         if loras and not loras[0].merged:
-            a = torch.cat([m.lora_A for m in loras])  # (3r, hidden)
-            b = torch.block_diag(*[m.lora_B for m in loras])  # (3 hidden, 3r)
+            if self.cast_qkv is not None:
+                a, b = self.cast_qkv
+            else:
+                a = torch.cat([m.lora_A for m in loras])  # (3r, hidden)
+                b = torch.block_diag(*[m.lora_B for m in loras])  # (3 hidden, 3r)
             out = low_rank_linear(h, weight, bias, a, b, loras[0].scale)
         else:
             out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)

@@ -140,7 +140,8 @@ class MultiTaskModule(L.LightningModule):
 
     def encode(self, passes: list[dict]) -> list[torch.Tensor]:
         """Pooled vectors (B_i, hidden) for each encoder pass of a step."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.adapter.freeze_encoder):
+        grad = torch.is_grad_enabled() and not self.adapter.freeze_encoder
+        with torch.set_grad_enabled(grad), self.adapter.compute_dtype_weights():
             prefix = self.adapter.prefix_kv()
             if self.fuse_passes and len(passes) > 1:
                 return self._encode_fused(passes, prefix)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
+import torch.utils._python_dispatch
 
 from peft_lightning.adapters import LoRA, Prefix
 from peft_lightning.backbone import load_backbone
@@ -103,3 +106,63 @@ def test_frozen_weights_are_stored_once_in_the_compute_dtype():
     assert enc.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     assert layer.output.LayerNorm.weight.dtype == torch.float32  # autocast runs LayerNorm in fp32
     assert all(p.dtype == torch.float32 for p in enc.parameters() if p.requires_grad)  # LoRA A, B
+
+
+class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops a step dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func._schema.name.split("::")[-1]
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def bf16_lora_step(module, batch, packed: bool) -> tuple[float, dict, dict]:
+    """One bf16-autocast step on CPU (loss, grads, op counts), with or without LoRA's packed casts."""
+    module.zero_grad(set_to_none=True)
+    counter = OpCounter()
+    if not packed:
+        module.adapter.compute_dtype_weights = contextlib.nullcontext  # autocast casts each A and B itself
+    try:
+        with counter, torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+            loss.backward()
+    finally:
+        if not packed:
+            del module.adapter.compute_dtype_weights
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+    return float(loss), grads, counter.counts
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["fused_qkv", "lora_dropout"])
+def test_packed_casts_change_nothing_but_the_number_of_casts(tiny_model_dir, data_dir, tmp_path, dropout):
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    module = MultiTaskModule(bb.encoder, LoRA(rank=4, dropout=dropout), pooling="mean", fuse_passes=True)
+    store_frozen_in(module.encoder, torch.bfloat16)  # as on the GPU fast path
+    module.eval()
+    for layer in module.adapter.layers:  # B = 0 at init would hide a wrong B layout
+        torch.nn.init.normal_(layer.lora_B, std=0.5)
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    loss, grads, ops = bf16_lora_step(module, batch, packed=True)
+    torch.manual_seed(0)
+    loss_ref, grads_ref, ops_ref = bf16_lora_step(module, batch, packed=False)
+    assert loss == loss_ref
+    assert grads.keys() == grads_ref.keys()  # the LoRA matrices and the heads
+    for name in grads:
+        assert torch.equal(grads[name], grads_ref[name]), name
+    lora = [g for name, g in grads.items() if ".lora_" in name]
+    assert len(lora) == 2 * len(module.adapter.layers) and all(g.abs().sum() > 0 for g in lora)
+    # autocast casts each matrix it sees forward and its gradient back: each A and B, except that a
+    # fused q/k/v layer casts its stacked A and block-diagonal B (2 instead of 6); packed: 2 casts in all
+    seen = len(lora) - (4 * module.encoder.num_layers if dropout == 0.0 else 0)
+    assert ops_ref["_to_copy"] - ops["_to_copy"] == 2 * seen - 2
+    if dropout == 0.0:  # fused q/k/v: the stacked A and block-diagonal B come packed too
+        assert ops_ref["block_diag"] == module.encoder.num_layers and "block_diag" not in ops
+    assert all(layer.cast is None for layer in module.adapter.layers)  # nothing is left set after the pass

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import Dropout, add_low_rank, attention, dropout, low_rank_linear
+from peft_lightning.ops import CastLayout, Dropout, add_low_rank, attention, cast_packed, dropout, low_rank_linear
 
 
 def test_dropout_keeps_one_minus_p_and_rescales():
@@ -118,3 +118,35 @@ def test_low_rank_linear_under_autocast_and_what_it_keeps():
     fused = saved_bytes(lambda: low_rank_linear(big, w.float(), bias.float(), a, b, 1.0, gelu=True))
     plain = saved_bytes(lambda: reference_low_rank(big, w.float(), bias.float(), a, b, 1.0, gelu=True))
     assert fused < plain - 256 * 48 * 4 * 0.9  # GELU's (N, in) output is not kept
+
+
+def test_cast_packed_equals_per_tensor_casts_cat_and_block_diag():
+    g = torch.Generator().manual_seed(5)
+    shapes = [(2, 6), (3, 6), (6, 2), (4, 3), (5, 1), (1, 7)]
+    ts = [torch.randn(*s, generator=g, requires_grad=True) for s in shapes]
+    layout = CastLayout([("stack", shapes[:2]), ("diag", shapes[2:4]), ("stack", [shapes[4]]), ("diag", [shapes[5]])])
+    out = cast_packed(layout, torch.bfloat16, ts)
+    want = [
+        torch.cat(ts[:2]).bfloat16(),
+        torch.block_diag(*ts[2:4]).bfloat16(),
+        ts[4].bfloat16(),
+        ts[5].bfloat16(),
+    ]
+    assert [o.shape for o in out] == [(5, 6), (10, 5), (5, 1), (1, 7)]
+    for o, w in zip(out, want):
+        assert o.dtype == torch.bfloat16 and torch.equal(o, w)
+    ups = [torch.randn(o.shape, generator=g).bfloat16() for o in out]
+    got = torch.autograd.grad(sum((o * u).float().sum() for o, u in zip(out, ups)), ts)
+    exp = torch.autograd.grad(sum((w * u).float().sum() for w, u in zip(want, ups)), ts)
+    for a, b in zip(got, exp):
+        assert a.dtype == torch.float32 and torch.equal(a, b)  # off-diagonal gradient is dropped
+
+
+def test_cast_layout_without_block_diagonal_is_the_identity_and_bad_input_is_named():
+    assert CastLayout([("stack", [(2, 3), (4, 3)]), ("diag", [(5, 5)])]).index(torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="differ in columns"):
+        CastLayout([("stack", [(2, 3), (2, 4)])])
+    with pytest.raises(ValueError, match="kind 'ring' is unknown"):
+        CastLayout([("ring", [(2, 3), (2, 3)])])
+    with pytest.raises(ValueError, match=r"shapes \[\(2, 3\)\] != layout \[\(3, 2\)\]"):
+        cast_packed(CastLayout([("stack", [(3, 2)])]), torch.bfloat16, [torch.zeros(2, 3)])

@@ -6,6 +6,8 @@ module's state; adapters that inject into the encoder (LoRA) own nothing themsel
 
 from __future__ import annotations
 
+import contextlib
+
 from torch import nn
 
 from peft_lightning.encoder import BertEncoder, PrefixKV
@@ -29,6 +31,11 @@ class Adapter(nn.Module):
     def prefix_kv(self) -> list[PrefixKV] | None:
         """Per-layer prefix keys/values for the encoder, or None."""
         return None
+
+    def compute_dtype_weights(self) -> contextlib.AbstractContextManager:
+        """A context for one forward pass in which the adapter may hand the encoder its trainable
+        weights already cast to the autocast dtype (nothing by default)."""
+        return contextlib.nullcontext()
 
     def merge(self) -> None:
         """Fold adapter weights into the frozen weights for inference (no-op by default)."""

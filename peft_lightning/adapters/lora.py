@@ -18,6 +18,7 @@ pooler is used, i.e. pooling=pooler, which makes `all` equal PEFT's `all-linear`
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 
@@ -26,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning.adapters.base import Adapter, freeze
-from peft_lightning.encoder import BertEncoder
-from peft_lightning.ops import Dropout, add_low_rank, low_rank_linear
+from peft_lightning.encoder import BertEncoder, BertSelfAttention
+from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, low_rank_linear
 
 SCALINGS = ("fixed", "alpha_over_r", "rslora")
 ALIASES = {
@@ -62,6 +63,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self._saved_weight: torch.Tensor | None = None
+        self.cast: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, B) in the autocast dtype, set for one pass
 
     @property
     def merged(self) -> bool:
@@ -70,13 +72,14 @@ class LoRALinear(nn.Module):
     takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        a, b = self.cast if self.cast is not None else (self.lora_A, self.lora_B)
         if not self.merged and isinstance(self.dropout, nn.Identity):
-            return low_rank_linear(x, self.base.weight, self.base.bias, self.lora_A, self.lora_B, self.scale, gelu)
+            return low_rank_linear(x, self.base.weight, self.base.bias, a, b, self.scale, gelu)
         x = F.gelu(x) if gelu else x
         y = self.base(x)
         if self.merged:
             return y
-        return add_low_rank(y, F.linear(self.dropout(x), self.lora_A), self.lora_B, self.scale)
+        return add_low_rank(y, F.linear(self.dropout(x), a), b, self.scale)
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale  # (out, in)
@@ -169,6 +172,9 @@ class LoRA(Adapter):
         self.include_pooler = include_pooler
         self.layers: list[LoRALinear] = []  # plain list: the modules live in the encoder
         self.target_names: list[str] = []
+        self._attentions: list[BertSelfAttention] = []
+        self._encoder: list[BertEncoder] = []  # plain list: not a submodule of the adapter
+        self._layouts: dict[tuple, CastLayout] = {}
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
@@ -192,6 +198,67 @@ class LoRA(Adapter):
             setattr(parent, child, wrapped)
             self.layers.append(wrapped)
         self.target_names = chosen
+        self._attentions = [m for m in encoder.modules() if isinstance(m, BertSelfAttention)]
+        self._encoder = [encoder]
+
+    @contextlib.contextmanager
+    def compute_dtype_weights(self):
+        """Under 16-bit autocast, cast every A and B once for the pass, in a few kernels (`cast_packed`).
+
+        Autocast would cast each of them separately, forward and backward: on BERT-base ~200 tiny
+        kernels a step, which is what made a LoRA step slower than a full one on a launch-bound GPU.
+        The q/k/v groups get their stacked A and block-diagonal B directly. Eager mode only: under
+        torch.compile, Inductor handles the casts.
+        """
+        plan = self._cast_plan()
+        if plan is None:
+            yield
+            return
+        dtype, groups, tensors, slots = plan
+        key = (dtype, tuple((kind, tuple(shapes)) for kind, shapes in groups))
+        if key not in self._layouts:
+            self._layouts[key] = CastLayout(groups)
+        outs = cast_packed(self._layouts[key], dtype, tensors)
+        try:
+            for (obj, attr), pair in zip(slots, zip(outs[::2], outs[1::2])):
+                setattr(obj, attr, pair)
+            yield
+        finally:
+            for obj, attr in slots:
+                setattr(obj, attr, None)
+
+    def _cast_plan(self):
+        live = [m for m in self.layers if not m.merged]
+        if not live or not self._encoder:
+            return None
+        param, encoder = live[0].lora_A, self._encoder[0]
+        device = param.device.type
+        if (
+            not torch.is_autocast_enabled(device)
+            or torch.compiler.is_compiling()
+            or getattr(encoder, "_compiled_call_impl", None) is not None
+        ):
+            return None
+        dtype = torch.get_autocast_dtype(device)
+        if dtype not in (torch.bfloat16, torch.float16) or dtype == param.dtype:
+            return None
+        if any(t.dtype != param.dtype for m in live for t in (m.lora_A, m.lora_B)):
+            return None
+        groups, tensors, slots, done = [], [], [], set()
+        for attn in self._attentions:
+            qkv = attn.fused_loras()
+            if qkv is None or qkv[0].merged:
+                continue
+            groups += [("stack", [tuple(m.lora_A.shape) for m in qkv]), ("diag", [tuple(m.lora_B.shape) for m in qkv])]
+            tensors += [m.lora_A for m in qkv] + [m.lora_B for m in qkv]
+            slots.append((attn, "cast_qkv"))
+            done.update(id(m) for m in qkv)
+        for m in live:
+            if id(m) not in done:
+                groups += [("stack", [tuple(m.lora_A.shape)]), ("stack", [tuple(m.lora_B.shape)])]
+                tensors += [m.lora_A, m.lora_B]
+                slots.append((m, "cast"))
+        return dtype, groups, tensors, slots
 
     def merge(self) -> None:
         for layer in self.layers:
