@@ -17,6 +17,9 @@ from peft_lightning.heads import build_heads
 from peft_lightning.tasks import TASKS, get_tasks
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 def task_metrics(task: str) -> tm.MetricCollection:
     t = TASKS[task]
     if t.is_regression:
@@ -55,7 +58,8 @@ class MultiTaskModule(L.LightningModule):
         warmup_ratio: fraction of all steps with linear warmup.
         seed: reseeds dropout at every epoch start, so an epoch is reproducible after a resume.
         fuse_passes: run all encoder passes of a step as one padded batch (fewer launches on GPU).
-        compile: `torch.compile` the encoder in place (pair with data.pad_to_multiple_of).
+        compile: `torch.compile` the encoder in place (pair with data.pad_to_multiple_of): true, or a
+            torch.compile mode (`reduce-overhead` replays the encoder's forward and backward as CUDA graphs).
         identity: what identifies the backbone, stored in checkpoints.
     """
 
@@ -79,7 +83,7 @@ class MultiTaskModule(L.LightningModule):
         warmup_ratio: float = 0.0,
         seed: int = 0,
         fuse_passes: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
         identity: dict | None = None,
     ):
         super().__init__()
@@ -89,6 +93,8 @@ class MultiTaskModule(L.LightningModule):
         self.encoder, self.adapter = encoder, adapter
         adapter.attach(encoder)
         self.pooling, self.pair_encoding, self.fuse_passes = pooling, pair_encoding, fuse_passes
+        if compile not in (True, False) and compile not in COMPILE_MODES:
+            raise ValueError(f"model.compile={compile!r} is unknown; expected true, false or one of {list(COMPILE_MODES)}")
         self.compile_encoder = compile
         self.heads = build_heads(
             get_tasks(self.task_names), encoder.config.hidden_size, pair_encoding, sts_head, head_dropout, pair_features
@@ -123,8 +129,13 @@ class MultiTaskModule(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.compile_encoder and not getattr(self, "_compiled", False):
-            self.encoder.compile()  # in place: parameter names (and checkpoints) stay the same
+            mode = None if self.compile_encoder is True else self.compile_encoder
+            self.encoder.compile(mode=mode)  # in place: parameter names (and checkpoints) stay the same
             self._compiled = True
+
+    @property
+    def _cuda_graphs(self) -> bool:
+        return getattr(self, "_compiled", False) and self.compile_encoder in ("reduce-overhead", "max-autotune")
 
     def on_fit_start(self) -> None:
         # GPU bf16-mixed: keep frozen matrices once in bf16 (autocast would cast them every step)
@@ -141,6 +152,8 @@ class MultiTaskModule(L.LightningModule):
     def encode(self, passes: list[dict]) -> list[torch.Tensor]:
         """Pooled vectors (B_i, hidden) for each encoder pass of a step."""
         grad = torch.is_grad_enabled() and not self.adapter.freeze_encoder
+        if self._cuda_graphs:  # each step is a new CUDA-graph generation: the last step's outputs are free
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.set_grad_enabled(grad), self.adapter.compute_dtype_weights():
             prefix = self.adapter.prefix_kv()
             if self.fuse_passes and len(passes) > 1:

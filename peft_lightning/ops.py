@@ -68,8 +68,8 @@ class _LowRankLinear(torch.autograd.Function):
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, gelu: bool):
         h = F.gelu(x) if gelu else x
         h2 = h.reshape(-1, h.shape[-1])
-        a = h2 @ lora_a.t()  # (N, r)
-        y = torch.addmm(bias, h2, weight.t()) if bias is not None else h2 @ weight.t()
+        a = torch.mm(h2, lora_a.t())  # (N, r); torch.mm, not @: no Python-level operator wrapper
+        y = torch.addmm(bias, h2, weight.t()) if bias is not None else torch.mm(h2, weight.t())
         y.addmm_(a, lora_b.t(), alpha=scale)
         ctx.save_for_backward(x, weight, lora_a, lora_b, a)
         ctx.scale, ctx.gelu = scale, gelu

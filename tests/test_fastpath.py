@@ -15,15 +15,16 @@ from peft_lightning.module import MultiTaskModule, store_frozen_in
 
 
 def losses(
-    tiny_model_dir, data_dir, tmp_path, make_adapter, fast: bool, steps: int = 3, compile: bool = False
+    tiny_model_dir, data_dir, tmp_path, make_adapter, fast: bool, steps: int = 3, compile: bool | str = False
 ) -> list[float]:
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, make_adapter(), pooling="mean", fuse_passes=fast, pair_features="sbert")
+    module = MultiTaskModule(
+        bb.encoder, make_adapter(), pooling="mean", fuse_passes=fast, pair_features="sbert", compile=compile
+    )
     for layer in module.encoder.encoder.layer:
         layer.attention.self.fuse_qkv = fast
-    if compile:
-        module.encoder.compile()
+    module.configure_model()  # compiles the encoder when asked, as the Trainer does
     dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16 if fast else 1)
     dm.setup()
     module.eval()  # no dropout: both paths see the same function
@@ -55,26 +56,34 @@ def test_fast_path_gives_the_same_losses(tiny_model_dir, data_dir, tmp_path, mak
 
 
 @pytest.mark.slow
-def test_compiled_encoder_gives_the_same_losses(tiny_model_dir, data_dir, tmp_path):
+@pytest.mark.parametrize("mode", [True, "reduce-overhead"])  # on CPU, reduce-overhead compiles without CUDA graphs
+def test_compiled_encoder_gives_the_same_losses(tiny_model_dir, data_dir, tmp_path, mode):
     eager = losses(tiny_model_dir, data_dir, tmp_path, lambda: LoRA(rank=4), fast=True)
-    compiled = losses(tiny_model_dir, data_dir, tmp_path, lambda: LoRA(rank=4), fast=True, compile=True)
+    compiled = losses(tiny_model_dir, data_dir, tmp_path, lambda: LoRA(rank=4), fast=True, compile=mode)
     assert eager == pytest.approx(compiled, rel=1e-4, abs=1e-5)
 
 
-def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool = False, steps: int = 6) -> list[float]:
+def test_unknown_compile_mode_is_refused(tiny_model_dir):
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    with pytest.raises(ValueError, match=r"model.compile='fast' is unknown; expected true, false or one of"):
+        MultiTaskModule(bb.encoder, LoRA(rank=4), pooling="mean", compile="fast")
+
+
+def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool | str = False, steps: int = 6) -> list[float]:
     """Training losses on CUDA: fp32 eager reference, or the fast path as `trainer=gpu_fast` runs it
     (bf16 autocast, frozen weights stored in bf16, fused passes and q/k/v, bucketed padding, fused
     AdamW, optionally the compiled encoder)."""
     torch.manual_seed(0)
     bb = load_backbone(str(model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, LoRA(rank=4), pooling="mean", fuse_passes=fast, pair_features="sbert")
+    module = MultiTaskModule(
+        bb.encoder, LoRA(rank=4), pooling="mean", fuse_passes=fast, pair_features="sbert", compile=compile
+    )
     module = module.cuda()
     for layer in module.encoder.encoder.layer:
         layer.attention.self.fuse_qkv = fast
     if fast:
         store_frozen_in(module.encoder, torch.bfloat16)
-    if compile:
-        module.encoder.compile()
+    module.configure_model()
     dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16 if fast else 1)
     dm.setup()
     module.eval()
@@ -83,7 +92,7 @@ def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool = False,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("compile", [False, True, "reduce-overhead"], ids=["eager", "compiled", "cuda_graphs"])
 def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_path, compile):
     from conftest import make_model_dir
 
