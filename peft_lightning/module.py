@@ -16,7 +16,6 @@ from peft_lightning.encoder import BertEncoder
 from peft_lightning.heads import build_heads
 from peft_lightning.tasks import TASKS, get_tasks
 
-
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -94,7 +93,9 @@ class MultiTaskModule(L.LightningModule):
         adapter.attach(encoder)
         self.pooling, self.pair_encoding, self.fuse_passes = pooling, pair_encoding, fuse_passes
         if compile not in (True, False) and compile not in COMPILE_MODES:
-            raise ValueError(f"model.compile={compile!r} is unknown; expected true, false or one of {list(COMPILE_MODES)}")
+            raise ValueError(
+                f"model.compile={compile!r} is unknown; expected true, false or one of {list(COMPILE_MODES)}"
+            )
         self.compile_encoder = compile
         self.heads = build_heads(
             get_tasks(self.task_names), encoder.config.hidden_size, pair_encoding, sts_head, head_dropout, pair_features
