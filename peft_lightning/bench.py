@@ -206,12 +206,12 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     enc = BertEncoder(cfg, add_pooler=False)
     enc.load_state_dict(hf.state_dict())
     enc.to(device)
-    module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse).to(device)
+    compile = (args.compile_mode or True) if args.compile else False
+    module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse, compile=compile).to(device)
     if amp:  # frozen weights stored once in the compute dtype, as on_fit_start does
         store_frozen_in(module.encoder, torch.bfloat16)
     heads = copy.deepcopy(module.heads)
-    if args.compile:
-        module.encoder.compile(dynamic=False, mode=args.compile_mode)
+    module.configure_model()  # compiles the encoder (in place) when asked, as training does
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True)
     t0 = time.perf_counter()
@@ -275,13 +275,17 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="bf16 autocast and frozen weights in bf16 (default: on CUDA only)",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile our encoder (static shapes)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile our encoder")
     parser.add_argument(
-        "--compile-mode", default=None, help="torch.compile mode, e.g. reduce-overhead (CUDA graphs), max-autotune"
+        "--compile-mode",
+        default=None,
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        help="torch.compile mode (implies --compile); reduce-overhead replays the encoder as CUDA graphs",
     )
     parser.add_argument("--out", help="also append each JSON line to this file as it is printed")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    args.compile = args.compile or args.compile_mode is not None
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"
     if device.type == "cuda":

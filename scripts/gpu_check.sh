@@ -3,19 +3,20 @@
 #
 #   OUT=<dir> DATA=<data dir> bash scripts/gpu_check.sh [seconds]
 #
-# In order, each under its own time limit and all within [seconds] (default 420):
-#   1. pytest -m gpu (fast path = fp32 reference losses on a tiny model)
-#   2. peft-bench, eager, bert-base shape, B=8 and 32, L=128, all cases
-#   3. a short MiniLM LoRA run (2000 rows a task, 2 epochs) without and with the fast path
-#   4. peft-bench with the compiled encoder, LoRA r=8 and full, B=32 then 8
-# STAGES picks and orders them (default "pytest bench train compiled"); CASES the bench cases.
+# Stages, each under its own time limit and all within [seconds] (default 420):
+#   pytest    pytest -m gpu (fast path, eager / compiled / CUDA graphs = fp32 reference losses, tiny model)
+#   bench     peft-bench, eager, bert-base shape, B=32 and 8, L=128, the CASES
+#   graphs    peft-bench, encoder compiled with mode reduce-overhead (CUDA graphs), LoRA r=8 and full
+#   compiled  peft-bench, encoder compiled (default mode), LoRA r=8 and full
+#   train     a short MiniLM LoRA run (2000 rows a task, 2 epochs) without and with the fast path
+# STAGES picks and orders them (default "pytest bench graphs compiled train"); CASES the bench cases.
 # Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast}.json (their results.json).
 set -u
 OUT=${OUT:-gpu_check}
 DATA=${DATA:-data}
 BUDGET=${1:-420}
-STAGES=${STAGES:-pytest bench train compiled}
-CASES=${CASES:-frozen full lora_r8 lora_r64 prefix_p4_mlp prefix_p4}
+STAGES=${STAGES:-pytest bench graphs compiled train}
+CASES=${CASES:-full lora_r8 frozen prefix_p4_mlp lora_r64 prefix_p4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
@@ -41,7 +42,10 @@ step() { # step <max seconds> <name> <command...>
         case $stage in
         pytest) step 120 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py ;;
         bench) step 150 bench-eager python3 -m peft_lightning.bench --device cuda --model bert_base \
-            --batch-sizes 8 32 --length 128 --cases $CASES --out "$OUT/bench.jsonl" ;;
+            --batch-sizes 32 8 --length 128 --cases $CASES --out "$OUT/bench.jsonl" ;;
+        graphs) step 240 bench-graphs python3 -m peft_lightning.bench --device cuda --model bert_base \
+            --batch-sizes 32 8 --length 128 --cases lora_r8 full --compile --compile-mode reduce-overhead \
+            --out "$OUT/bench.jsonl" ;;
         train)
             common="model=minilm data.dir=$DATA adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast"
             step 120 train-ref python3 -m peft_lightning.train study=gpu_ref $common trainer.precision=32-true model.fuse_passes=false

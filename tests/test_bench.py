@@ -46,3 +46,14 @@ def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     ops = {(r["case"], r["impl"]): r["ops_per_step"] for r in printed[1:]}
     assert ops[("lora_r8", "ours")] < ops[("full", "ours")]
     assert ops[("lora_r8", "ours")] < ops[("lora_r8", "hf_peft")]
+
+
+@pytest.mark.slow
+def test_bench_compile_mode_compiles_our_encoder(capsys):
+    argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8", "--steps", "1"]
+    bench.main([*argv, "--cases", "lora_r8", "--warmup", "1", "--compile-mode", "reduce-overhead"])
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    header, ours, theirs = printed
+    assert header["compile"] is True and header["compile_mode"] == "reduce-overhead"
+    assert ours["first_step_s"] > 0 and "first_step_s" not in theirs
+    assert ours["ops_per_step"] is None and theirs["ops_per_step"] > 0  # no op counting inside compiled code
