@@ -204,3 +204,43 @@ def test_train_losses_are_logged_as_means_over_each_logging_interval(tiny_model_
     for r, window in zip(rows, (steps[:3], steps[3:])):
         assert float(r["train/loss"]) == pytest.approx(sum(window) / 3, rel=1e-5)
         assert float(r["train/sst5/loss"]) > 0 and float(r["train/stsb/loss"]) > 0
+
+
+def test_bf16_mixed_lora_run_with_packed_casts(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """bf16-mixed on CPU: LoRA's A and B reach the encoder cast once a pass (packed), through
+    training, validation (LoRA merged into the fp32 bases there) and prediction."""
+    import peft_lightning.adapters.lora as lora
+
+    calls = []
+    real = lora.cast_packed
+    monkeypatch.setattr(lora, "cast_packed", lambda *a: calls.append(torch.is_grad_enabled()) or real(*a))
+    out = tmp_path / "bf16"
+    args = ("adapter=lora", "adapter.rank=2", "trainer.max_epochs=1", "trainer.precision=bf16-mixed")
+    res = run(tiny_model_dir, data_dir, out, *args, "model.fuse_passes=true")
+    assert res["status"] == "complete" and res["steps"] == 6
+    assert calls.count(True) == 6  # every training step; validation runs merged, without casts to pack
+    assert all(0.0 <= res["history"][0]["dev"][t]["acc"] <= 1.0 for t in ("sst5", "qqp"))
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    lora_b = [v for k, v in ckpt["state_dict"].items() if k.endswith("lora_B")]
+    assert lora_b and all(v.dtype == torch.float32 for v in lora_b)  # trainable weights stay fp32
+    assert all(v.abs().sum() > 0 for v in lora_b)  # B starts at 0: every one of them was trained
+    assert len(read_tsv(out / "predictions" / "stsb-test.tsv")) == 13
+
+
+@pytest.mark.slow
+def test_compile_mode_reaches_training(tiny_model_dir, data_dir, tmp_path):
+    res = run(
+        tiny_model_dir,
+        data_dir,
+        tmp_path / "ro",
+        "adapter=lora",
+        "model.compile=reduce-overhead",
+        "data.pad_to_multiple_of=16",
+        "+trainer.fast_dev_run=true",
+    )
+    assert res["status"] == "complete" and res["steps"] == 1
+
+
+def test_unknown_compile_mode_is_a_config_error(tiny_model_dir, data_dir, tmp_path):
+    with pytest.raises(ValueError, match=r"model.compile='turbo' is unknown"):
+        run(tiny_model_dir, data_dir, tmp_path / "bad", "adapter=lora", "model.compile=turbo", "raise_errors=true")
