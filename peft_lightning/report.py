@@ -115,8 +115,9 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
                 vals = [_get(r, path) for r in ok]
                 cells.append(f"{int(vals[0]):,}" if vals and vals[0] is not None else "-")
                 nums.append(None)
-            for name in ("step_time_ms", "peak_memory_mb"):
-                vals = [r.get(name) for r in ok]
+            for name in ("steady_step_ms", "peak_memory_mb"):
+                # steady: without each fit's warm-up steps (compile); runs from before it have only the mean
+                vals = [r.get(name) or (r.get("step_time_ms") if name == "steady_step_ms" else None) for r in ok]
                 cells.append(fmt(vals, 1))
                 nums.append(None)
         status = (

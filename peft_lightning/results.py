@@ -58,13 +58,25 @@ def best_epoch(history: list[dict]) -> dict | None:
 
 
 class ResultsWriter(L.Callback):
-    """Keeps `results.json` current: meta, params, per-epoch history, best epoch, timing, memory."""
+    """Keeps `results.json` current: meta, params, per-epoch history, best epoch, timing, memory.
 
-    def __init__(self, run_dir: str | Path, meta: dict):
+    Two step times: `step_time_ms`, all training time over all steps, and `steady_step_ms`, which
+    leaves out the first `warm_steps` steps of each fit (a resume is a new fit): torch.compile,
+    CUDA-graph capture and allocator growth happen there, and they would otherwise weigh on a short
+    run's step time, differently for each strategy.
+    """
+
+    def __init__(self, run_dir: str | Path, meta: dict, warm_steps: int = 10):
         self.path = Path(run_dir) / RESULTS
         self.meta = dict(meta)
         self.train_s = 0.0
         self.train_steps = 0
+        self.warm_steps = warm_steps
+        self.steady_s = 0.0
+        self.steady_steps = 0
+        self._fit_step0 = 0
+        self._steady_t0: float | None = None
+        self._steady_step0 = 0
         self._epoch_t0: float | None = None
         self._epoch_step0 = 0
         self._fit_t0 = time.perf_counter()
@@ -79,26 +91,51 @@ class ResultsWriter(L.Callback):
             self._elapsed_before = hist[-1].get("elapsed_s", 0.0)
             self.train_s = hist[-1].get("train_s", 0.0)
             self.train_steps = hist[-1].get("train_steps", 0)
+            self.steady_s = hist[-1].get("steady_s", 0.0)
+            self.steady_steps = hist[-1].get("steady_steps", 0)
+        self._fit_step0, self._steady_t0 = trainer.global_step, None
         self.meta["params"] = pl_module.param_counts()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_t0, self._epoch_step0 = time.perf_counter(), trainer.global_step
+        if self._warm(trainer):
+            self._steady_t0, self._steady_step0 = self._epoch_t0, trainer.global_step
+
+    def _warm(self, trainer) -> bool:
+        return trainer.global_step - self._fit_step0 >= self.warm_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._steady_t0 is None and self._epoch_t0 is not None and self._warm(trainer):
+            if pl_module.device.type == "cuda":  # once a fit: the warm-up steps end here
+                torch.cuda.synchronize(pl_module.device)
+            self._steady_t0, self._steady_step0 = time.perf_counter(), trainer.global_step
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if self._epoch_t0 is not None and not trainer.sanity_checking:
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
-            self.train_s += time.perf_counter() - self._epoch_t0
+            now = time.perf_counter()
+            self.train_s += now - self._epoch_t0
             self.train_steps += trainer.global_step - self._epoch_step0
             self._epoch_t0 = None
+            if self._steady_t0 is not None:
+                self.steady_s += now - self._steady_t0
+                self.steady_steps += trainer.global_step - self._steady_step0
+                self._steady_t0 = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or not pl_module.history:
             return
         last = pl_module.history[-1]
-        last.update(elapsed_s=self.elapsed(), train_s=self.train_s, train_steps=self.train_steps)
+        last.update(
+            elapsed_s=self.elapsed(),
+            train_s=self.train_s,
+            train_steps=self.train_steps,
+            steady_s=self.steady_s,
+            steady_steps=self.steady_steps,
+        )
         self.write(trainer, pl_module)
 
     def elapsed(self) -> float:
@@ -119,6 +156,7 @@ class ResultsWriter(L.Callback):
             "wall_time_s": round(self.elapsed(), 3),
             "train_time_s": round(self.train_s, 3),
             "step_time_ms": round(1000 * self.train_s / self.train_steps, 3) if self.train_steps else None,
+            "steady_step_ms": round(1000 * self.steady_s / self.steady_steps, 3) if self.steady_steps else None,
             "peak_memory_mb": round(peak_memory_mb(pl_module.device), 1),
             **self.extra,
         }

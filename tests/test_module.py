@@ -76,6 +76,10 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
     assert res["best"]["dev_avg"] == max(h["dev_avg"] for h in res["history"])
     assert res["adapter"]["name"] == "lora" and res["adapter"]["rank"] == 2
     assert res["steps"] == 2 * 6 and res["step_time_ms"] > 0 and res["peak_memory_mb"] > 0
+    # steady step time leaves out the fit's first 10 (warm-up) steps: 2 of 12 steps count
+    last = res["history"][-1]
+    assert last["train_steps"] == 12 and last["steady_steps"] == 2 and 0 < last["steady_s"] < last["train_s"]
+    assert res["steady_step_ms"] == pytest.approx(1000 * last["steady_s"] / 2, abs=1e-3)
     assert res["params"]["encoder"]["trainable"] == sum(2 * (i + o) for i, o in lora_shapes(res))
     for task, id_col in (("sst5", 0), ("qqp", 0), ("stsb", 0)):
         for split, n in (("dev", 16), ("test", 12)):
