@@ -152,8 +152,11 @@ class CastLayout:
         self.shapes = [tuple(s) for _, g in groups for s in g]
         self.numels = [r * c for r, c in self.shapes]
         self.outputs: list[tuple[int, tuple[int, int]]] = []  # (numel, shape) of each output
+        self.members: list[range] = []  # which inputs each output holds
         pieces, offset, identity = [], 0, True
         for kind, g in groups:
+            start = sum(len(m) for m in self.members)
+            self.members.append(range(start, start + len(g)))
             if kind == "stack" or len(g) == 1:
                 if len({c for _, c in g}) != 1:
                     raise ValueError(f"CastLayout: stacked shapes {g} differ in columns")
@@ -190,16 +193,28 @@ class _CastPacked(torch.autograd.Function):
         index = layout.index(src.device)
         dst = src if index is None else src.new_zeros(layout.size).index_copy_(0, index, src)
         ctx.layout, ctx.dtype = layout, tensors[0].dtype
+        ctx.set_materialize_grads(False)  # an output nobody used: its inputs get no gradient, as without packing
         return tuple(v.view(shape) for v, (_, shape) in zip(dst.split([n for n, _ in layout.outputs]), layout.outputs))
 
     @staticmethod
     def backward(ctx, *grads):
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        index = ctx.layout.index(flat.device)
+        layout = ctx.layout
+        if all(g is None for g in grads):
+            return (None, None, *[None] * len(layout.shapes))
+        some = next(g for g in grads if g is not None)
+        flat = torch.cat(
+            [some.new_zeros(n) if g is None else g.reshape(-1) for g, (n, _) in zip(grads, layout.outputs)]
+        )
+        index = layout.index(flat.device)
         if index is not None:
             flat = flat.index_select(0, index)
         flat = flat.to(ctx.dtype)
-        return (None, None, *[v.view(s) for v, s in zip(flat.split(ctx.layout.numels), ctx.layout.shapes)])
+        out = [v.view(s) for v, s in zip(flat.split(layout.numels), layout.shapes)]
+        for g, members in zip(grads, layout.members):
+            if g is None:
+                for i in members:
+                    out[i] = None
+        return (None, None, *out)
 
 
 def cast_packed(layout: CastLayout, dtype: torch.dtype, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -150,3 +150,12 @@ def test_cast_layout_without_block_diagonal_is_the_identity_and_bad_input_is_nam
         CastLayout([("ring", [(2, 3), (2, 3)])])
     with pytest.raises(ValueError, match=r"shapes \[\(2, 3\)\] != layout \[\(3, 2\)\]"):
         cast_packed(CastLayout([("stack", [(3, 2)])]), torch.bfloat16, [torch.zeros(2, 3)])
+
+
+def test_cast_packed_gives_no_gradient_to_inputs_of_an_unused_output():
+    a, b, c = (torch.randn(2, 3, requires_grad=True) for _ in range(3))
+    layout = CastLayout([("stack", [(2, 3), (2, 3)]), ("diag", [(2, 3)])])
+    ab, cc = cast_packed(layout, torch.bfloat16, [a, b, c])
+    cc.float().sum().backward()  # ab unused, as an untouched LoRA layer's A and B would be
+    assert a.grad is None and b.grad is None  # AdamW then skips them, as it would without packing
+    assert torch.equal(c.grad, torch.ones(2, 3))
