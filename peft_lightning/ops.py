@@ -8,6 +8,9 @@ with round(p * 2^31) (the same Bernoulli(1 - p) keep probability to 5e-10, at ~2
 and CPU training attention is written out with an additive mask bias (SDPA's math path, without
 its per-layer re-derivation checks on the boolean mask).
 On CUDA both stay PyTorch's fused kernels.
+
+Also here: each LoRA linear as one autograd function (`low_rank_linear`), and `cast_packed`, which
+casts many small trainable matrices to the autocast dtype in a few kernels instead of one each.
 """
 
 from __future__ import annotations
@@ -223,7 +226,7 @@ def cast_packed(layout: CastLayout, dtype: torch.dtype, tensors: list[torch.Tens
     What autocast does to each trainable matrix separately (a cast kernel forward, another for its
     gradient), for all of them at once: forward one gather, one cast and (with block-diagonal outputs)
     one scatter; backward one gather, one index and one cast. LoRA's A and B matrices are ~100 small
-    tensors a step on BERT-base, so this removes ~250 kernel launches a step on GPU.
+    tensors on BERT-base: this takes a LoRA step from 1399 to 1154 dispatched ops (`peft-bench --bf16`).
 
     Args:
         layout: the `CastLayout` built for these tensors' shapes.
