@@ -1,13 +1,15 @@
-"""What every run leaves behind: `results.json` and `predictions/{task}-{split}.tsv`.
+"""What every run leaves behind: `results.json`, `predictions/{task}-{split}.tsv`, `csv/metrics.csv`.
 
 `results.json` is rewritten atomically after every validation epoch (status `running`) and at the
 end (status `complete`, or `failed` with the error's first line), so a killed run never leaves a
-half-written file and a sweep can tell finished jobs from unfinished ones.
+half-written file and a sweep can tell finished jobs from unfinished ones. A resumed run keeps the
+metrics.csv rows it logged before its checkpoint (`ResumableCSVLogger`).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import resource
@@ -17,6 +19,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 RESULTS = "results.json"
 
@@ -31,6 +36,71 @@ def atomic_write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The global step a Lightning checkpoint was saved at (memory-mapped: a big checkpoint is not read)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
+
+
+def _row_step(row: dict) -> float:
+    try:
+        return float(row.get("step") or "nan")
+    except ValueError:
+        return float("nan")  # a torn last line of a killed run: never kept
+
+
+class _KeepingWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it keeps the rows of steps before `keep_before`."""
+
+    def __init__(self, log_dir: str, keep_before: int):
+        self.keep_before = keep_before
+        super().__init__(log_dir)
+
+    def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+        path = Path(self.metrics_file_path)
+        if not path.is_file():
+            return
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            keys = list(reader.fieldnames or [])
+            rows = [r for r in reader if _row_step(r) < self.keep_before and None not in r.values()]
+        if not rows:
+            path.unlink()  # a fresh start, as Lightning does
+            return
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_text(path, out.getvalue())
+        self.metrics_keys = keys  # appended rows use the same header
+
+
+class ResumableCSVLogger(CSVLogger):
+    """Lightning's `CSVLogger` that keeps what an interrupted run already logged.
+
+    Lightning's writer deletes an existing `metrics.csv` when it starts, so a resumed run would lose
+    every row from before the interruption. This one keeps the rows of the steps before the
+    checkpoint the run resumes from (`resume_step`, its global step) and appends after them. It drops
+    the rows of later steps, which the resumed run logs again, and any torn line. A fresh run
+    (`resume_step=0`) starts a new file, as Lightning does.
+
+    Args:
+        resume_step: the global step of the checkpoint the run resumes from; 0 for a fresh run.
+        **kwargs: `CSVLogger`'s.
+    """
+
+    def __init__(self, resume_step: int = 0, **kwargs):
+        super().__init__(**kwargs)
+        self.resume_step = resume_step
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _KeepingWriter(self.log_dir, self.resume_step)
+        return self._experiment
 
 
 def read_results(run_dir: str | Path) -> dict | None:

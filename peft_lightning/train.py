@@ -29,7 +29,9 @@ from peft_lightning.gpus import gpu_slot
 from peft_lightning.module import MultiTaskModule
 from peft_lightning.results import (
     ResultsWriter,
+    ResumableCSVLogger,
     atomic_write_text,
+    checkpoint_step,
     collect_predictions,
     in_row_order,
     is_complete,
@@ -100,11 +102,11 @@ def precision_for(cfg_precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, adapter_name: str) -> list:
+def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, adapter_name: str, resume_step: int = 0) -> list:
     kind = cfg.logger.get("kind", "csv")
     loggers: list = []
     if kind in ("csv", "wandb"):
-        loggers.append(L.pytorch.loggers.CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+        loggers.append(ResumableCSVLogger(resume_step=resume_step, save_dir=str(run_dir), name="csv", version=""))
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -220,7 +222,7 @@ def use_gpu_lock(cfg: DictConfig) -> bool:
 def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, adapter_name, ckpt) -> dict:
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
-        logger=build_loggers(cfg, run_dir, run_name, adapter_name) or False,
+        logger=build_loggers(cfg, run_dir, run_name, adapter_name, checkpoint_step(ckpt) if ckpt else 0) or False,
         callbacks=[ckpt_cb, writer],
         **tcfg,
     )

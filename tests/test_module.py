@@ -57,6 +57,11 @@ def test_fast_dev_run_per_strategy(tiny_model_dir, data_dir, tmp_path, adapter):
         assert p["encoder"]["trainable"] == p["encoder"]["total"]
 
 
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def read_tsv(path):
     with open(path, newline="") as f:
         return list(csv.reader(f, delimiter="\t"))
@@ -130,6 +135,15 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
             flat_a = {(t, m): v for t, ms in a[part].items() for m, v in ms.items()}
             flat_b = {(t, m): v for t, ms in b[part].items() for m, v in ms.items()}
             assert flat_a == pytest.approx(flat_b, abs=1e-6)
+
+    # metrics.csv after the resume holds all three epochs, as the uninterrupted run's does
+    def val_rows(run_dir):
+        return [r for r in read_csv(run_dir / "csv" / "metrics.csv") if r["val/avg"]]
+
+    ref, got = val_rows(tmp_path / "a"), val_rows(out)
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in ref] == ["0", "1", "2"]
+    assert [float(r["val/avg"]) for r in got] == pytest.approx([float(r["val/avg"]) for r in ref], abs=1e-6)
+    assert len(read_csv(out / "csv" / "metrics.csv")) == len(read_csv(tmp_path / "a" / "csv" / "metrics.csv"))
     # a complete run is not run again
     again = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3")
     assert again == json.loads((out / "results.json").read_text())
@@ -140,6 +154,7 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
     assert not any("resuming from" in r.message for r in caplog.records)
     assert [h["epoch"] for h in forced["history"]] == [1, 2, 3] and forced["steps"] == 18
     assert forced["history"][0]["dev"] == full["history"][0]["dev"]
+    assert [r["epoch"] for r in val_rows(out)] == ["0", "1", "2"]  # a fresh run's file, not appended to
 
 
 def build(tiny_model_dir, adapter, seed=0, fuse=False):
