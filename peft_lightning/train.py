@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import traceback
+import uuid
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -102,7 +103,14 @@ def precision_for(cfg_precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, adapter_name: str, resume_step: int = 0) -> list:
+def build_loggers(
+    cfg: DictConfig,
+    run_dir: Path,
+    run_name: str,
+    adapter_name: str,
+    resume_step: int = 0,
+    wandb_id: str | None = None,
+) -> list:
     kind = cfg.logger.get("kind", "csv")
     loggers: list = []
     if kind in ("csv", "wandb"):
@@ -122,6 +130,8 @@ def build_loggers(cfg: DictConfig, run_dir: Path, run_name: str, adapter_name: s
                 group=cfg.logger.get("group") or cfg.study,
                 job_type=cfg.logger.get("job_type") or adapter_name,
                 name=run_name,
+                id=wandb_id,
+                resume="allow",  # the same id again (a resumed run) continues that wandb run
                 save_dir=str(run_dir),
                 offline=mode == "offline",
                 mode=mode,
@@ -184,6 +194,11 @@ def train(cfg: DictConfig) -> dict:
         "overrides": list(cfg.get("overrides") or []),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+    # force=true reruns from scratch: an old last.ckpt is not resumed (an explicit path still is)
+    ckpt = None if cfg.force and cfg.ckpt_path == "auto" else resolve_ckpt(cfg.ckpt_path, run_dir)
+    if cfg.logger.get("kind") == "wandb":  # a resumed run goes on as the same wandb run
+        previous = (read_results(run_dir) or {}).get("wandb_id") if ckpt else None
+        meta["wandb_id"] = previous or uuid.uuid4().hex[:16]
     writer = ResultsWriter(run_dir, meta)
     ckpt_cb = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -196,8 +211,6 @@ def train(cfg: DictConfig) -> dict:
     )
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     tcfg["precision"] = precision_for(tcfg.get("precision", "auto"), tcfg.get("accelerator", "auto"))
-    # force=true reruns from scratch: an old last.ckpt is not resumed (an explicit path still is)
-    ckpt = None if cfg.force and cfg.ckpt_path == "auto" else resolve_ckpt(cfg.ckpt_path, run_dir)
     if ckpt:
         log.info("resuming from %s", ckpt)
     with ExitStack() as stack:
@@ -222,7 +235,10 @@ def use_gpu_lock(cfg: DictConfig) -> bool:
 def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, adapter_name, ckpt) -> dict:
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
-        logger=build_loggers(cfg, run_dir, run_name, adapter_name, checkpoint_step(ckpt) if ckpt else 0) or False,
+        logger=build_loggers(
+            cfg, run_dir, run_name, adapter_name, checkpoint_step(ckpt) if ckpt else 0, writer.meta.get("wandb_id")
+        )
+        or False,
         callbacks=[ckpt_cb, writer],
         **tcfg,
     )

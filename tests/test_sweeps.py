@@ -101,3 +101,27 @@ def test_wandb_offline_run_per_job(tiny_model_dir, data_dir, tmp_path):
         assert len(offline) == 1, job  # one run per job, never one run for the sweep
         blob = next(offline[0].glob("*.wandb")).read_bytes()
         assert b"wbstudy" in blob and kind.encode() in blob and job.encode() in blob  # group, job_type, name
+
+
+def test_wandb_run_resumes_under_its_id(tiny_model_dir, data_dir, tmp_path):
+    """An interrupted run resumed from its checkpoint goes on as the same wandb run; force=true starts a new one."""
+    from conftest import compose, tiny_overrides
+
+    from peft_lightning.train import train
+
+    out = tmp_path / "wb"
+
+    def run(*extra):
+        return train(compose(tiny_overrides(tiny_model_dir, data_dir, out, "adapter=lora", "logger=wandb", *extra)))
+
+    first = run("trainer.max_epochs=1")
+    wid = first["wandb_id"]
+    res = json.loads((out / "results.json").read_text())
+    res["status"] = "running"  # as if killed after epoch 1
+    (out / "results.json").write_text(json.dumps(res))
+    second = run("trainer.max_epochs=2", "ckpt_path=last")
+    assert second["wandb_id"] == wid and [h["epoch"] for h in second["history"]] == [1, 2]
+    runs = sorted((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(r.name.endswith(f"-{wid}") for r in runs)  # `wandb sync` joins them
+    third = run("trainer.max_epochs=2", "force=true")
+    assert third["wandb_id"] != wid
