@@ -64,18 +64,19 @@ class OpCounter(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.counts: dict[str, int] = {}  # op name -> times dispatched
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name.split("::")[-1] not in self.METADATA:
-            self.count += 1
+        name = func._schema.name.split("::")[-1]
+        if name not in self.METADATA:
+            self.counts[name] = self.counts.get(name, 0) + 1
         return func(*args, **(kwargs or {}))
 
 
 def count_ops(step) -> int:
     with OpCounter() as counter:
         step()
-    return counter.count
+    return sum(counter.counts.values())
 
 
 def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0) -> dict:

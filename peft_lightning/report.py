@@ -115,9 +115,9 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
                 vals = [_get(r, path) for r in ok]
                 cells.append(f"{int(vals[0]):,}" if vals and vals[0] is not None else "-")
                 nums.append(None)
-            for name in ("steady_step_ms", "peak_memory_mb"):
-                # steady: without each fit's warm-up steps (compile); runs from before it have only the mean
-                vals = [r.get(name) or (r.get("step_time_ms") if name == "steady_step_ms" else None) for r in ok]
+            # step time without each fit's warm-up steps (compile); runs from before it have only the mean
+            steady = [r.get("steady_step_ms") or r.get("step_time_ms") for r in ok]
+            for vals in (steady, [r.get("peak_memory_mb") for r in ok]):
                 cells.append(fmt(vals, 1))
                 nums.append(None)
         status = (

@@ -6,10 +6,10 @@ import contextlib
 
 import pytest
 import torch
-import torch.utils._python_dispatch
 
 from peft_lightning.adapters import LoRA, Prefix
 from peft_lightning.backbone import load_backbone
+from peft_lightning.bench import OpCounter
 from peft_lightning.data import MultiTaskDataModule
 from peft_lightning.module import MultiTaskModule, store_frozen_in
 
@@ -115,19 +115,6 @@ def test_frozen_weights_are_stored_once_in_the_compute_dtype():
     assert enc.embeddings.word_embeddings.weight.dtype == torch.bfloat16
     assert layer.output.LayerNorm.weight.dtype == torch.float32  # autocast runs LayerNorm in fp32
     assert all(p.dtype == torch.float32 for p in enc.parameters() if p.requires_grad)  # LoRA A, B
-
-
-class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops a step dispatches, by name."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name.split("::")[-1]
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
 
 
 def bf16_lora_step(module, batch, packed: bool) -> tuple[float, dict, dict]:

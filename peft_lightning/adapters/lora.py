@@ -174,7 +174,7 @@ class LoRA(Adapter):
         self.target_names: list[str] = []
         self._attentions: list[BertSelfAttention] = []
         self._encoder: list[BertEncoder] = []  # plain list: not a submodule of the adapter
-        self._layouts: dict[tuple, CastLayout] = {}
+        self._plans: dict[tuple, tuple | None] = {}  # see _cast_plan
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
@@ -214,11 +214,8 @@ class LoRA(Adapter):
         if plan is None:
             yield
             return
-        dtype, groups, tensors, slots = plan
-        key = (dtype, tuple((kind, tuple(shapes)) for kind, shapes in groups))
-        if key not in self._layouts:
-            self._layouts[key] = CastLayout(groups)
-        outs = cast_packed(self._layouts[key], dtype, tensors)
+        layout, dtype, tensors, slots = plan
+        outs = cast_packed(layout, dtype, tensors)
         try:
             for (obj, attr), pair in zip(slots, zip(outs[::2], outs[1::2])):
                 setattr(obj, attr, pair)
@@ -227,22 +224,35 @@ class LoRA(Adapter):
             for obj, attr in slots:
                 setattr(obj, attr, None)
 
-    def _cast_plan(self):
-        live = [m for m in self.layers if not m.merged]
-        if not live or not self._encoder:
+    def _cast_plan(self) -> tuple | None:
+        """(layout, dtype, tensors, slots) for this pass, or None; built once per state of the layers
+        (building it walks every layer and attention: ~0.6 ms on BERT-base, too much for every step)."""
+        if not self.layers or not self._encoder:
             return None
-        param, encoder = live[0].lora_A, self._encoder[0]
-        device = param.device.type
+        device = self.layers[0].lora_A.device.type
         if (
             not torch.is_autocast_enabled(device)
             or torch.compiler.is_compiling()
-            or getattr(encoder, "_compiled_call_impl", None) is not None
+            or getattr(self._encoder[0], "_compiled_call_impl", None) is not None
         ):
             return None
         dtype = torch.get_autocast_dtype(device)
-        if dtype not in (torch.bfloat16, torch.float16) or dtype == param.dtype:
+        key = (
+            dtype,
+            self.layers[0].lora_A.dtype,
+            tuple(m.merged for m in self.layers),
+            tuple(a.fuse_qkv for a in self._attentions),
+        )
+        if key not in self._plans:
+            self._plans[key] = self._build_cast_plan(dtype)
+        return self._plans[key]
+
+    def _build_cast_plan(self, dtype: torch.dtype) -> tuple | None:
+        live = [m for m in self.layers if not m.merged]
+        param_dtype = self.layers[0].lora_A.dtype
+        if not live or dtype not in (torch.bfloat16, torch.float16) or dtype == param_dtype:
             return None
-        if any(t.dtype != param.dtype for m in live for t in (m.lora_A, m.lora_B)):
+        if any(t.dtype != param_dtype for m in live for t in (m.lora_A, m.lora_B)):
             return None
         groups, tensors, slots, done = [], [], [], set()
         for attn in self._attentions:
@@ -258,7 +268,7 @@ class LoRA(Adapter):
                 groups += [("stack", [tuple(m.lora_A.shape)]), ("stack", [tuple(m.lora_B.shape)])]
                 tensors += [m.lora_A, m.lora_B]
                 slots.append((m, "cast"))
-        return dtype, groups, tensors, slots
+        return CastLayout(groups), dtype, tensors, slots
 
     def merge(self) -> None:
         for layer in self.layers:
