@@ -7,7 +7,9 @@ prints one JSON line per implementation with ms/step (median of timed steps, the
 implementations' steps interleaved so that clock or cache drift hits both alike), samples/s
 (3 x B examples a step), peak memory, `ops_per_step` (aten ops the step dispatches, views left out:
 about the kernels it launches, the count that bounds a launch-bound GPU step) and `ratio_vs_peft`
-(ours / theirs, lower is better).
+(ours / theirs, lower is better). Each case other than full also times our full fine-tuning step in
+the same interleaved loop: `ratio_vs_our_full` (and on CUDA `mem_vs_our_full`), e.g. whether LoRA
+is faster than full fine-tuning in our hands (`--no-vs-full` skips it).
 Random-init weights: speed does not depend on them. On CUDA, peak memory is what the
 implementation's steps allocate on top of what existed before it was built (its weights, gradients,
 optimizer state and activations); on CPU it is the process RSS high-water mark, not per case.
@@ -15,6 +17,7 @@ optimizer state and activations); on CPU it is the process RSS high-water mark, 
     peft-bench --device cpu --model minilm --batch-sizes 8
     peft-bench --device cuda --model bert_base --batch-sizes 8 32 --compile
     peft-bench --device cpu --model bert_base --bf16 --batch-sizes 2 --length 16 --steps 3   # GPU-path op counts
+    peft-bench --device cpu --model overhead --bf16 --batch-sizes 2 --length 8 --steps 40   # its host time
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ MODELS = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
     "bert_base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072),
     "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128),
+    # bert-base's 12 layers at width 64: the arithmetic is negligible, so with a small batch ms/step is
+    # the host time (dispatch, autograd, Python) that a launch-bound GPU step pays, measurable on a CPU
+    "overhead": dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=256),
 }
 CASES = {
     "frozen": (Frozen, {}),
@@ -192,54 +198,70 @@ def alternate(steps: dict, n: int, device: torch.device) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def build_ours(case: str, cfg, state: dict, batch: dict, args, device: torch.device) -> dict:
+    """Our module for `case` from the shared weights, warmed up: its step, first-step seconds, peak
+    MiB, ops a step, and a copy of its heads (for the PEFT side: same heads, same init)."""
+    base = allocated(device)
+    cls, kwargs = CASES[case]
+    torch.manual_seed(0)
+    enc = BertEncoder(cfg, add_pooler=False)
+    enc.load_state_dict(state)
+    enc.to(device)
+    compile = (args.compile_mode or True) if args.compile else False
+    module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse, compile=compile).to(device)
+    if args.bf16:  # frozen weights stored once in the compute dtype, as on_fit_start does
+        store_frozen_in(module.encoder, torch.bfloat16)
+    heads = copy.deepcopy(module.heads)
+    module.configure_model()  # compiles the encoder (in place) when asked, as training does
+    module.train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    step = lambda: ours_step(module, opt, batch, args.bf16)  # noqa: E731
+    t0 = time.perf_counter()
+    step()  # the first step compiles
+    first = time.perf_counter() - t0
+    mem = peak_and_warm(step, args.warmup, device, base)
+    return {
+        "step": step, "first": first, "mem": mem, "ops": None if args.compile else count_ops(step), "heads": heads
+    }  # fmt: skip
+
+
 def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
+    """The case's rows, ours and PEFT's; with `args.vs_full`, our row also has our full step's time and
+    memory, that step timed interleaved with the other two (the comparison LoRA's targets make)."""
     from transformers import BertConfig, BertModel
 
     cfg = BertConfig(**MODELS[args.model], vocab_size=30522, attn_implementation="sdpa")
     torch.manual_seed(0)
     hf = BertModel(cfg, add_pooling_layer=False)  # on CPU until its turn: its memory is not ours
     batch = make_batches(B, args.length, cfg.vocab_size, device)
-    amp = args.bf16
-    cls, kwargs = CASES[case]
-
-    # ours
-    base = allocated(device)
-    enc = BertEncoder(cfg, add_pooler=False)
-    enc.load_state_dict(hf.state_dict())
-    enc.to(device)
-    compile = (args.compile_mode or True) if args.compile else False
-    module = MultiTaskModule(enc, cls(**kwargs), pooling="cls", fuse_passes=args.fuse, compile=compile).to(device)
-    if amp:  # frozen weights stored once in the compute dtype, as on_fit_start does
-        store_frozen_in(module.encoder, torch.bfloat16)
-    heads = copy.deepcopy(module.heads)
-    module.configure_model()  # compiles the encoder (in place) when asked, as training does
-    module.train()
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    t0 = time.perf_counter()
-    ours = lambda: ours_step(module, opt, batch, amp)  # noqa: E731
-    ours()  # the first step compiles
-    first_ours = time.perf_counter() - t0
-    mem_ours = peak_and_warm(ours, args.warmup, device, base)
-    ops_ours = None if args.compile else count_ops(ours)
+    kwargs = CASES[case][1]
+    ours = build_ours(case, cfg, hf.state_dict(), batch, args, device)
+    full = build_ours("full", cfg, hf.state_dict(), batch, args, device) if args.vs_full and case != "full" else None
 
     # transformers + PEFT
     base = allocated(device)
     model = PeftMultiTask(
-        peft_model(case, hf.to(device), kwargs), heads, frozen=case == "frozen", prefix=case.startswith("prefix")
+        peft_model(case, hf.to(device), kwargs),
+        ours["heads"],
+        frozen=case == "frozen",
+        prefix=case.startswith("prefix"),
     ).to(device)
     model.train()
     if case == "frozen":
         model.model.eval()
     opt2 = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    theirs = lambda: peft_step(model, opt2, batch, amp, device)  # noqa: E731
+    theirs = lambda: peft_step(model, opt2, batch, args.bf16, device)  # noqa: E731
     theirs()
     mem_peft = peak_and_warm(theirs, args.warmup, device, base)
     ops_peft = count_ops(theirs)
     trainable = sum(p.numel() for p in model.model.parameters() if p.requires_grad)
 
-    t = alternate({"ours": ours, "hf_peft": theirs}, args.steps, device)
+    steps = {"ours": ours["step"], "hf_peft": theirs}
+    if full is not None:
+        steps["ours_full"] = full["step"]
+    t = alternate(steps, args.steps, device)
     rows = []
-    for impl, mem, ops in (("ours", mem_ours, ops_ours), ("hf_peft", mem_peft, ops_peft)):
+    for impl, mem, ops in (("ours", ours["mem"], ours["ops"]), ("hf_peft", mem_peft, ops_peft)):
         row = {
             "case": case,
             "impl": impl,
@@ -254,8 +276,12 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
             "ops_per_step": ops,
             "ratio_vs_peft": round(t[impl] / t["hf_peft"], 3),
         }
+        if impl == "ours" and full is not None:
+            row["our_full_ms"] = round(t["ours_full"], 2)
+            row["ratio_vs_our_full"] = round(t["ours"] / t["ours_full"], 3)
+            row["mem_vs_our_full"] = round(mem / full["mem"], 3) if device.type == "cuda" else None
         if impl == "ours" and args.compile:
-            row["first_step_s"] = round(first_ours, 1)
+            row["first_step_s"] = round(ours["first"], 1)
         rows.append(row)
     return rows
 
@@ -282,6 +308,12 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
         help="torch.compile mode (implies --compile); reduce-overhead replays the encoder as CUDA graphs",
+    )
+    parser.add_argument(
+        "--vs-full",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also time our full fine-tuning step, interleaved, for each other case (ratio_vs_our_full)",
     )
     parser.add_argument("--out", help="also append each JSON line to this file as it is printed")
     args = parser.parse_args(argv)

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_lightning.arena import ArenaCast, arena_linear
 from peft_lightning.ops import Dropout, attention, low_rank_linear
 
 PrefixKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B or 1, heads, P, head_dim)
@@ -48,7 +49,7 @@ class BertSelfAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
         self.fuse_qkv = True
         self._frozen_qkv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
-        self.cast_qkv: tuple[torch.Tensor, torch.Tensor] | None = None  # set by LoRA for one pass
+        self.cast_qkv: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None  # set by LoRA for one pass
 
     def fused_loras(self) -> tuple | None:
         """The three LoRA layers when q, k, v are all LoRA and can share one product (see `project_qkv`)."""
@@ -69,12 +70,14 @@ class BertSelfAttention(nn.Module):
         three; with LoRA, [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
         back to the three modules when they differ in kind (LoRA on some only) or use LoRA dropout.
         `cast_qkv`, when the adapter has set it for this pass, holds those two matrices already in
-        the autocast dtype.
+        the autocast dtype, or their place in LoRA's `Arena` (then [Wq; Wk; Wv; A] x is one GEMM).
         """
         mods = (self.query, self.key, self.value)
         loras = self.fused_loras()
         if not self.fuse_qkv or (loras is None and any(hasattr(m, "lora_A") for m in mods)):
             return self.query(h), self.key(h), self.value(h)
+        if loras and isinstance(self.cast_qkv, ArenaCast):
+            return arena_linear(h, self.cast_qkv, loras[0].scale, keep_output=True).chunk(3, dim=-1)
         bases = [getattr(m, "base", m) for m in mods]
         weight, bias = self._stacked(bases)
         if loras and not loras[0].merged:

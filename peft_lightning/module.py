@@ -139,8 +139,9 @@ class MultiTaskModule(L.LightningModule):
         return getattr(self, "_compiled", False) and self.compile_encoder in ("reduce-overhead", "max-autotune")
 
     def on_fit_start(self) -> None:
-        # GPU bf16-mixed: keep frozen matrices once in bf16 (autocast would cast them every step)
-        if self.device.type == "cuda" and "bf16" in str(self.trainer.precision):
+        # bf16-mixed: keep frozen matrices once in bf16 (autocast would cast them every step); LoRA
+        # then also keeps its A and B beside them (its Arena)
+        if "bf16" in str(self.trainer.precision):
             store_frozen_in(self.encoder, torch.bfloat16)
 
     # ---- forward -------------------------------------------------------------------------

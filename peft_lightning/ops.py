@@ -191,19 +191,24 @@ class CastLayout:
 
 class _CastPacked(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, layout: CastLayout, dtype: torch.dtype, *tensors):
+    def forward(ctx, layout: CastLayout, dtype: torch.dtype, into, *tensors):
+        ctx.layout, ctx.dtype = layout, tensors[0].dtype
+        ctx.set_materialize_grads(False)  # an output nobody used: its inputs get no gradient, as without packing
+        if into is not None:  # an Arena: write the values into it, hand out views of where they are
+            # through `.data`, which leaves the version counter alone: a second pass before the backward
+            # writes the same values again, and autograd must not take that for a change
+            into.flat.data.index_copy_(0, into.index, torch.cat([t.reshape(-1) for t in tensors]).to(dtype))
+            return tuple(into.handles())
         src = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
         index = layout.index(src.device)
         dst = src if index is None else src.new_zeros(layout.size).index_copy_(0, index, src)
-        ctx.layout, ctx.dtype = layout, tensors[0].dtype
-        ctx.set_materialize_grads(False)  # an output nobody used: its inputs get no gradient, as without packing
         return tuple(v.view(shape) for v, (_, shape) in zip(dst.split([n for n, _ in layout.outputs]), layout.outputs))
 
     @staticmethod
     def backward(ctx, *grads):
         layout = ctx.layout
         if all(g is None for g in grads):
-            return (None, None, *[None] * len(layout.shapes))
+            return (None, None, None, *[None] * len(layout.shapes))
         some = next(g for g in grads if g is not None)
         flat = torch.cat(
             [some.new_zeros(n) if g is None else g.reshape(-1) for g, (n, _) in zip(grads, layout.outputs)]
@@ -217,10 +222,12 @@ class _CastPacked(torch.autograd.Function):
             if g is None:
                 for i in members:
                     out[i] = None
-        return (None, None, *out)
+        return (None, None, None, *out)
 
 
-def cast_packed(layout: CastLayout, dtype: torch.dtype, tensors: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+def cast_packed(
+    layout: CastLayout, dtype: torch.dtype, tensors: list[torch.Tensor], into=None
+) -> tuple[torch.Tensor, ...]:
     """The tensors cast to `dtype` and laid out as `layout` says, in a few kernels whatever their number.
 
     What autocast does to each trainable matrix separately (a cast kernel forward, another for its
@@ -232,10 +239,12 @@ def cast_packed(layout: CastLayout, dtype: torch.dtype, tensors: list[torch.Tens
         layout: the `CastLayout` built for these tensors' shapes.
         dtype: the compute dtype (bf16 or fp16 under autocast).
         tensors: 2-D tensors of one dtype, in the layout's order.
+        into: an `Arena` (`into.layout` is `layout`): scatter the values into its buffer instead
+            (one gather, one cast, one scatter) and return views of it; None: new tensors.
 
     Returns:
         One tensor per layout output: its inputs' rows stacked, or their block-diagonal matrix.
     """
     if [tuple(t.shape) for t in tensors] != layout.shapes:
         raise ValueError(f"cast_packed: tensor shapes {[tuple(t.shape) for t in tensors]} != layout {layout.shapes}")
-    return _CastPacked.apply(layout, dtype, *tensors)
+    return _CastPacked.apply(layout, dtype, into, *tensors)

@@ -32,6 +32,10 @@ def test_bench_prints_one_line_per_impl_with_ratios(tmp_path, capsys):
     # tiny: 2 layers x r (in + out) over q, k, v, o (64 + 64 each), intermediate (64 + 128), output (128 + 64)
     assert rows[0]["encoder_trainable"] == 2 * 8 * (4 * 128 + 192 + 192) == 14336
     assert rows[2]["encoder_trainable"] == 0
+    for ours in (rows[0], rows[2]):  # our full step timed in the same loop: the LoRA-vs-full comparison
+        assert ours["ratio_vs_our_full"] == pytest.approx(ours["ms_per_step"] / ours["our_full_ms"], abs=2e-3)
+        assert ours["mem_vs_our_full"] is None  # CPU: process RSS, not per implementation
+    assert "ratio_vs_our_full" not in rows[1]
     assert all(r["ops_per_step"] > 0 for r in rows)
     assert rows[2]["ops_per_step"] < rows[0]["ops_per_step"]  # frozen: no encoder backward at all
 
@@ -40,9 +44,10 @@ def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     """The GPU path's bf16 step on CPU: LoRA's A and B arrive cast in a few ops, so a LoRA step
     dispatches fewer ops than a full fine-tuning step of the same model."""
     argv = ["--device", "cpu", "--model", "tiny", "--bf16", "--batch-sizes", "2", "--length", "8"]
-    bench.main([*argv, "--cases", "full", "lora_r8", "--steps", "1", "--warmup", "1"])
+    bench.main([*argv, "--cases", "full", "lora_r8", "--steps", "1", "--warmup", "1", "--no-vs-full"])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed[0]["bf16"] is True
+    assert all("ratio_vs_our_full" not in r for r in printed[1:])
     ops = {(r["case"], r["impl"]): r["ops_per_step"] for r in printed[1:]}
     assert ops[("lora_r8", "ours")] < ops[("full", "ours")]
     assert ops[("lora_r8", "ours")] < ops[("lora_r8", "hf_peft")]

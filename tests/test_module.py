@@ -226,18 +226,22 @@ def test_train_losses_are_logged_as_means_over_each_logging_interval(tiny_model_
 
 
 def test_bf16_mixed_lora_run_with_packed_casts(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    """bf16-mixed on CPU: LoRA's A and B reach the encoder cast once a pass (packed), through
-    training, validation (LoRA merged into the fp32 bases there) and prediction."""
+    """bf16-mixed on CPU: frozen weights stored in bf16 once, LoRA's A and B kept beside them (its
+    Arena, built once) and written there once a step, through training, validation and prediction."""
     import peft_lightning.adapters.lora as lora
 
-    calls = []
-    real = lora.cast_packed
-    monkeypatch.setattr(lora, "cast_packed", lambda *a: calls.append(torch.is_grad_enabled()) or real(*a))
+    calls, arenas = [], []
+    real_cast, real_move = lora.cast_packed, lora.move_into_arena
+    monkeypatch.setattr(
+        lora, "cast_packed", lambda *a, **k: calls.append(torch.is_grad_enabled()) or real_cast(*a, **k)
+    )
+    monkeypatch.setattr(lora, "move_into_arena", lambda *a: arenas.append(1) or real_move(*a))
     out = tmp_path / "bf16"
     args = ("adapter=lora", "adapter.rank=2", "trainer.max_epochs=1", "trainer.precision=bf16-mixed")
     res = run(tiny_model_dir, data_dir, out, *args, "model.fuse_passes=true")
     assert res["status"] == "complete" and res["steps"] == 6
-    assert calls.count(True) == 6  # every training step; validation runs merged, without casts to pack
+    assert calls.count(True) == 6  # every training step writes the A and B the optimizer changed
+    assert len(arenas) == 1
     assert all(0.0 <= res["history"][0]["dev"][t]["acc"] <= 1.0 for t in ("sst5", "qqp"))
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     lora_b = [v for k, v in ckpt["state_dict"].items() if k.endswith("lora_B")]

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning.adapters.base import Adapter, freeze
+from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
 from peft_lightning.encoder import BertEncoder, BertSelfAttention
 from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, low_rank_linear
 
@@ -63,7 +64,9 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
         self._saved_weight: torch.Tensor | None = None
-        self.cast: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, B) in the autocast dtype, set for one pass
+        # set by LoRA for one pass: (A, B) in the autocast dtype, or the layer's place in an Arena
+        self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
+        self.output_kept = False  # the consumer saves this layer's output for its backward (see arena_linear)
 
     @property
     def merged(self) -> bool:
@@ -72,6 +75,8 @@ class LoRALinear(nn.Module):
     takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        if isinstance(self.cast, ArenaCast):
+            return arena_linear(x, self.cast, self.scale, gelu, self.output_kept)
         a, b = self.cast if self.cast is not None else (self.lora_A, self.lora_B)
         if not self.merged and isinstance(self.dropout, nn.Identity):
             return low_rank_linear(x, self.base.weight, self.base.bias, a, b, self.scale, gelu)
@@ -174,7 +179,7 @@ class LoRA(Adapter):
         self.target_names: list[str] = []
         self._attentions: list[BertSelfAttention] = []
         self._encoder: list[BertEncoder] = []  # plain list: not a submodule of the adapter
-        self._plans: dict[tuple, tuple | None] = {}  # see _cast_plan
+        self._plan: tuple[tuple, tuple | None] | None = None  # (key, plan), see _cast_plan
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
@@ -195,6 +200,8 @@ class LoRA(Adapter):
             parent_name, _, child = name.rpartition(".")
             parent = encoder.get_submodule(parent_name) if parent_name else encoder
             wrapped = LoRALinear(getattr(parent, child), self.rank, self.scale, self.dropout_p)
+            # outputs the next op saves anyway: q, k, v (attention) and the FFN pre-activation
+            wrapped.output_kept = matches(name, ["query", "key", "value", "intermediate.dense"])
             setattr(parent, child, wrapped)
             self.layers.append(wrapped)
         self.target_names = chosen
@@ -203,30 +210,40 @@ class LoRA(Adapter):
 
     @contextlib.contextmanager
     def compute_dtype_weights(self):
-        """Under 16-bit autocast, cast every A and B once for the pass, in a few kernels (`cast_packed`).
+        """Under 16-bit autocast, every A and B in the compute dtype for the pass, in a few kernels.
 
         Autocast would cast each of them separately, forward and backward: on BERT-base ~200 tiny
         kernels a step, which is what made a LoRA step slower than a full one on a launch-bound GPU.
-        The q/k/v groups get their stacked A and block-diagonal B directly. Eager mode only: under
-        torch.compile, Inductor handles the casts.
+        When the frozen weights are in the compute dtype already (`store_frozen_in`: bf16-mixed
+        training, the GPU fast path), A and B are written into an `Arena` beside them, and each
+        layer takes 6 GEMMs instead of 8. Otherwise `cast_packed` makes new tensors: q/k/v groups
+        get their stacked A and block-diagonal B directly. Eager mode only: under torch.compile,
+        Inductor handles the casts.
         """
         plan = self._cast_plan()
         if plan is None:
             yield
             return
-        layout, dtype, tensors, slots = plan
-        outs = cast_packed(layout, dtype, tensors)
+        layout, dtype, tensors, slots, arena, arena_sites = plan
+        if arena is None:
+            outs = cast_packed(layout, dtype, tensors)
+            casts = list(zip(outs[::2], outs[1::2]))
+        else:
+            outs = cast_packed(layout, dtype, tensors, into=arena)
+            casts = [ArenaCast(a, b, site) for a, b, site in zip(outs[::2], outs[1::2], arena_sites)]
         try:
-            for (obj, attr), pair in zip(slots, zip(outs[::2], outs[1::2])):
-                setattr(obj, attr, pair)
+            for (obj, attr), cast in zip(slots, casts):
+                setattr(obj, attr, cast)
             yield
         finally:
             for obj, attr in slots:
                 setattr(obj, attr, None)
 
+    use_arena = True  # False: keep frozen weights where they are and cast A and B into new tensors
+
     def _cast_plan(self) -> tuple | None:
-        """(layout, dtype, tensors, slots) for this pass, or None; built once per state of the layers
-        (building it walks every layer and attention: ~0.6 ms on BERT-base, too much for every step)."""
+        """(layout, dtype, tensors, slots, arena, arena_sites) for this pass, or None; built again only
+        when the layers' state changed (building walks every layer: ~0.6 ms on BERT-base)."""
         if not self.layers or not self._encoder:
             return None
         device = self.layers[0].lora_A.device.type
@@ -237,15 +254,19 @@ class LoRA(Adapter):
         ):
             return None
         dtype = torch.get_autocast_dtype(device)
-        key = (
+        if self._plan is None or self._plan[0] != self._plan_key(dtype):
+            plan = self._build_cast_plan(dtype)
+            self._plan = (self._plan_key(dtype), plan)  # after the build: an arena moves the weights
+        return self._plan[1]
+
+    def _plan_key(self, dtype: torch.dtype) -> tuple:
+        return (
             dtype,
-            self.layers[0].lora_A.dtype,
+            self.use_arena,
             tuple(m.merged for m in self.layers),
             tuple(a.fuse_qkv for a in self._attentions),
+            tuple((m.lora_A.dtype, m.base.weight.dtype, m.base.weight.data_ptr()) for m in self.layers),
         )
-        if key not in self._plans:
-            self._plans[key] = self._build_cast_plan(dtype)
-        return self._plans[key]
 
     def _build_cast_plan(self, dtype: torch.dtype) -> tuple | None:
         live = [m for m in self.layers if not m.merged]
@@ -254,21 +275,25 @@ class LoRA(Adapter):
             return None
         if any(t.dtype != param_dtype for m in live for t in (m.lora_A, m.lora_B)):
             return None
-        groups, tensors, slots, done = [], [], [], set()
+        sites, done = [], set()  # (LoRA layers sharing one product, where their casts go)
         for attn in self._attentions:
             qkv = attn.fused_loras()
             if qkv is None or qkv[0].merged:
                 continue
-            groups += [("stack", [tuple(m.lora_A.shape) for m in qkv]), ("diag", [tuple(m.lora_B.shape) for m in qkv])]
-            tensors += [m.lora_A for m in qkv] + [m.lora_B for m in qkv]
-            slots.append((attn, "cast_qkv"))
+            sites.append((qkv, (attn, "cast_qkv")))
             done.update(id(m) for m in qkv)
-        for m in live:
-            if id(m) not in done:
-                groups += [("stack", [tuple(m.lora_A.shape)]), ("stack", [tuple(m.lora_B.shape)])]
-                tensors += [m.lora_A, m.lora_B]
-                slots.append((m, "cast"))
-        return CastLayout(groups), dtype, tensors, slots
+        sites += [((m,), (m, "cast")) for m in live if id(m) not in done]
+        tensors = [t for members, _ in sites for t in [m.lora_A for m in members] + [m.lora_B for m in members]]
+        slots = [slot for _, slot in sites]
+        devices = {m.base.weight.device for m in live}
+        if self.use_arena and len(devices) == 1 and all(fits_arena(m, dtype) for ms, _ in sites for m in ms):
+            arena, arena_sites = move_into_arena([members for members, _ in sites], dtype)
+            return arena.layout, dtype, tensors, slots, arena, arena_sites
+        groups = [
+            g for members, _ in sites
+            for g in (("stack", [tuple(m.lora_A.shape) for m in members]), ("diag", [tuple(m.lora_B.shape) for m in members]))
+        ]  # fmt: skip
+        return CastLayout(groups), dtype, tensors, slots, None, None
 
     def merge(self) -> None:
         for layer in self.layers:
@@ -286,3 +311,44 @@ class LoRA(Adapter):
             "alpha": self.alpha,
             "targets": self.target_names,
         }
+
+
+def fits_arena(m: LoRALinear, dtype: torch.dtype) -> bool:
+    """Whether the layer's frozen weight and bias are in `dtype` already and its branch has no dropout."""
+    base = m.base
+    return (
+        isinstance(m.dropout, nn.Identity)
+        and base.weight.dtype == dtype
+        and not base.weight.requires_grad
+        and (base.bias is None or (base.bias.dtype == dtype and not base.bias.requires_grad))
+    )
+
+
+@torch.no_grad()
+def move_into_arena(sites: list[tuple[LoRALinear, ...]], dtype: torch.dtype) -> tuple[Arena, list[ArenaSite]]:
+    """An `Arena` for these sites; each frozen weight and bias becomes a view of it (no second copy).
+
+    Returns the arena and each site's `ArenaSite`.
+    """
+    device = sites[0][0].base.weight.device
+    arena = Arena(
+        [
+            ([m.base.out_features for m in ms], ms[0].base.in_features, [m.rank for m in ms],
+             any(m.base.bias is not None for m in ms))
+            for ms in sites
+        ],
+        dtype,
+        device,
+    )  # fmt: skip
+    arena_sites = []
+    for i, members in enumerate(sites):
+        matrix, bias = arena.matrix(i), arena.bias(i)
+        for m, rows in zip(members, arena.member_rows(i)):
+            w = matrix[rows, : m.base.in_features]
+            w.copy_(m.base.weight)
+            m.base.weight.data = w
+            if m.base.bias is not None:
+                bias[rows].copy_(m.base.bias)
+                m.base.bias.data = bias[rows]
+        arena_sites.append(ArenaSite.of(arena, i))
+    return arena, arena_sites

@@ -1,0 +1,206 @@
+"""LoRA's frozen weights kept beside their A and B, so that a LoRA layer takes 6 GEMMs a step, not 8.
+
+A LoRA layer y = x W^T + b + s (x A^T) B^T computed as written launches 3 GEMMs forward (x W^T,
+x A^T, then the update into y) and 5 backward (g W, g B, the update into the input gradient, and
+A's and B's gradients). Two of them are thin products that read a whole activation for r columns:
+x A^T and g B. Here each layer's frozen W lives in one matrix with A below it and B beside it,
+
+    [ W  B  0 ]     W: (O, in) frozen, B: (O, R), A: (R, in); Rp = R rounded up to 8 (aligned rows)
+    [ A  0  0 ]     the matrix: (O + Rp, in + Rp), in the compute dtype
+
+so x [W; A]^T gives y and x A^T in one GEMM, and g [W | B] gives g W and g B in one: 6 GEMMs.
+A site is one LoRA layer, or several sharing an input (q, k, v: W stacked, A stacked, B
+block-diagonal). All sites live in one flat buffer; the frozen layers' weights and biases become
+views of it (no second copy), and each pass writes every A and B into it in three kernels
+(`cast_packed(..., into=arena)`: one gather, one cast, one scatter), what casting them took anyway.
+
+Used on LoRA's 16-bit autocast path with frozen weights already in the compute dtype (the GPU fast
+path, `store_frozen_in`); see `LoRA.compute_dtype_weights`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from peft_lightning.ops import CastLayout
+
+
+def round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
+class Site(NamedTuple):
+    offset: int  # of the matrix in the flat buffer
+    bias_offset: int  # of its bias in the flat bias buffer
+    rows: int  # O + Rp
+    cols: int  # in + Rp
+    outs: tuple[int, ...]  # out features of each member
+    in_features: int
+    ranks: tuple[int, ...]  # rank of each member
+    has_bias: bool
+
+    @property
+    def out_features(self) -> int:
+        return sum(self.outs)
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+
+class Arena:
+    """One buffer of LoRA sites' [W B; A 0] matrices (see the module docstring) and their biases.
+
+    Args:
+        sites: per site, (out features of each member, in features, rank of each member, has bias).
+        dtype: the compute dtype.
+        device: where the buffer lives.
+    """
+
+    def __init__(self, sites: list[tuple[list[int], int, list[int], bool]], dtype: torch.dtype, device: torch.device):
+        self.sites: list[Site] = []
+        groups, pieces, offset, bias_offset = [], [], 0, 0
+        for outs, in_f, ranks, has_bias in sites:
+            n_out, R = sum(outs), sum(ranks)
+            rows, cols = n_out + round8(R), in_f + round8(R)
+            site = Site(offset, bias_offset, rows, cols, tuple(outs), in_f, tuple(ranks), has_bias)
+            self.sites.append(site)
+            r0 = 0  # A of each member: rows O + r0 .., columns 0 .. in
+            for r in ranks:
+                pieces.append(offset + (n_out + r0 + torch.arange(r))[:, None] * cols + torch.arange(in_f)[None, :])
+                r0 += r
+            o0 = r0 = 0  # B of each member: rows o0 .., columns in + r0 .. (block-diagonal)
+            for o, r in zip(outs, ranks):
+                pieces.append(offset + (o0 + torch.arange(o))[:, None] * cols + (in_f + r0 + torch.arange(r))[None, :])
+                o0, r0 = o0 + o, r0 + r
+            groups += [("stack", [(r, in_f) for r in ranks]), ("diag", [(o, r) for o, r in zip(outs, ranks)])]
+            offset += round8(rows * cols)  # every matrix starts 16-byte aligned
+            bias_offset += round8(rows) if has_bias else 0
+        self.flat = torch.zeros(offset, dtype=dtype, device=device)
+        self.bias_flat = torch.zeros(bias_offset, dtype=dtype, device=device)
+        self.index = torch.cat([p.reshape(-1) for p in pieces]).to(device)  # A/B element -> place in `flat`
+        self.layout = CastLayout(groups)  # the layout of the handles: stacked A, block-diagonal B per site
+
+    def matrix(self, i: int) -> torch.Tensor:
+        s = self.sites[i]
+        return self.flat[s.offset : s.offset + s.rows * s.cols].view(s.rows, s.cols)
+
+    def bias(self, i: int) -> torch.Tensor | None:
+        s = self.sites[i]
+        return self.bias_flat[s.bias_offset : s.bias_offset + s.rows] if s.has_bias else None
+
+    def member_rows(self, i: int) -> list[slice]:
+        """The rows of the matrix (and bias) that hold each member's frozen W (and b)."""
+        out, o0 = [], 0
+        for o in self.sites[i].outs:
+            out.append(slice(o0, o0 + o))
+            o0 += o
+        return out
+
+    def handles(self) -> list[torch.Tensor]:
+        """Views of every site's A region (R, in) and B region (O, R), in the layout's order."""
+        out = []
+        for s in self.sites:
+            n_out, R = s.out_features, s.rank
+            out.append(self.flat.as_strided((R, s.in_features), (s.cols, 1), s.offset + n_out * s.cols))
+            out.append(self.flat.as_strided((n_out, R), (s.cols, 1), s.offset + s.in_features))
+        return out
+
+
+class ArenaSite(NamedTuple):
+    """Views of one site's matrix that its products read, made once (the arena is written in place)."""
+
+    wa_t: torch.Tensor  # [W; A; 0]^T: (in, O + Rp)
+    b_t: torch.Tensor  # B^T: (R, O)
+    wb: torch.Tensor  # [W | B]: (O, in + R)
+    b: torch.Tensor  # B: (O, R)
+    a: torch.Tensor  # A: (R, in)
+    bias: torch.Tensor | None  # (O + Rp,)
+    out_features: int  # O
+    rank: int  # R
+    in_features: int
+
+    @classmethod
+    def of(cls, arena: Arena, i: int) -> ArenaSite:
+        s, m = arena.sites[i], arena.matrix(i)
+        o, r, n = s.out_features, s.rank, s.in_features
+        return cls(m[:, :n].t(), m[:o, n : n + r].t(), m[:o, : n + r], m[:o, n : n + r], m[o : o + r, :n],
+                   arena.bias(i), o, r, n)  # fmt: skip
+
+
+class ArenaCast(NamedTuple):
+    """What a LoRA site computes with for one pass: A and B as views of the arena that carry their
+    gradients back to the fp32 parameters (from `cast_packed(..., into=arena)`), and its `ArenaSite`."""
+
+    a: torch.Tensor  # (R, in)
+    b: torch.Tensor  # (O, R)
+    site: ArenaSite
+
+
+class _ArenaLinear(torch.autograd.Function):
+    """`low_rank_linear` on an arena site: y = act(x) W^T + b + s (act(x) A^T) B^T in 6 GEMMs.
+
+    The operands are read from the site's views; `a` and `b` are only there to take their
+    gradients. Saves x and the (N, R) product z = act(x) A^T, as `_LowRankLinear` does. z comes
+    out of the same GEMM as y and shares its storage: when the caller keeps y for its own backward
+    anyway (`keep_output`), z is saved as that view, else it is copied out so that y's storage can go.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a, b, site: ArenaSite, scale: float, gelu: bool, keep_output: bool):
+        o, r, n = site.out_features, site.rank, site.in_features
+        h = (F.gelu(x) if gelu else x).reshape(-1, n)
+        yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)  # (N, O + Rp)
+        y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
+        y.addmm_(z, site.b_t, alpha=scale)  # + s z B^T, in place: no extra pass over y
+        if any(ctx.needs_input_grad):  # not when evaluating
+            needs_x = ctx.needs_input_grad[0]
+            ctx.save_for_backward(x, z if keep_output else z.clone(), site.wb if needs_x else site.b, site.a)
+            ctx.scale, ctx.gelu, ctx.dims = scale, gelu, (o, r, n)
+        return y.view(*x.shape[:-1], o)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, z, w, a = ctx.saved_tensors
+        o, r, n = ctx.dims
+        g = grad_y.reshape(-1, o)
+        needs_x = ctx.needs_input_grad[0]
+        if needs_x:
+            gx_ga = torch.mm(g, w)  # [g W | g B]: (N, in + R)
+            g_a = gx_ga.narrow(1, n, r)
+        else:  # the first layer's input needs no gradient: only g B
+            g_a = torch.mm(g, w)
+        grad_b = torch.mm(g.t(), z)  # (O, R)
+        if ctx.scale != 1.0:
+            g_a.mul_(ctx.scale)
+            grad_b.mul_(ctx.scale)
+        h = F.gelu(x) if ctx.gelu else x
+        grad_a = torch.mm(g_a.t(), h.reshape(-1, n))  # (R, in)
+        grad_x = None
+        if needs_x:
+            grad_x = gx_ga.narrow(1, 0, n).addmm_(g_a, a).view(x.shape)  # g W + s g B A
+            if ctx.gelu:
+                grad_x = torch.ops.aten.gelu_backward(grad_x, x)
+        return grad_x, grad_a, grad_b, None, None, None, None
+
+
+def arena_linear(x: torch.Tensor, cast: ArenaCast, scale: float, gelu: bool = False, keep_output: bool = False):
+    """A LoRA layer (or q/k/v together) on its arena site: `act(x) W^T + b + scale * act(x) A^T B^T`.
+
+    Args:
+        x: (..., in); the pre-activation when `gelu`. Cast to the arena's dtype if it is not.
+        cast: the site's `ArenaCast` for this pass.
+        scale: the LoRA scale.
+        gelu: apply GELU to `x` first (recomputed in backward, not kept).
+        keep_output: the caller keeps the output for its backward (then the saved product is a view).
+
+    Returns:
+        (..., O), a view with row stride O + Rp.
+    """
+    dtype = cast.site.wa_t.dtype
+    if x.dtype != dtype:
+        x = x.to(dtype)
+    return _ArenaLinear.apply(x, cast.a, cast.b, cast.site, scale, gelu, keep_output)

@@ -1,0 +1,186 @@
+"""LoRA's arena: frozen W with A below and B beside it, 6 GEMMs a layer, the same numbers as without."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from peft_lightning.adapters import LoRA
+from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
+from peft_lightning.bench import OpCounter
+from peft_lightning.module import MultiTaskModule, store_frozen_in
+from peft_lightning.ops import cast_packed
+
+GEMMS = ("mm", "addmm", "addmm_", "bmm")
+
+
+def site_operands(outs, in_f, ranks, seed=0, bias=True):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(o, in_f, generator=g) for o in outs]
+    bs = [torch.randn(o, generator=g) for o in outs] if bias else None
+    As = [torch.randn(r, in_f, generator=g, requires_grad=True) for r in ranks]
+    Bs = [torch.randn(o, r, generator=g, requires_grad=True) for o, r in zip(outs, ranks)]
+    return ws, bs, As, Bs
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("keep_output", [False, True])
+@pytest.mark.parametrize(
+    "outs,ranks,scale,bias",
+    [((7,), (3,), 1.0, True), ((6, 6, 6), (3, 3, 3), 0.5, True), ((5,), (8,), 2.0, False)],
+    ids=["one_layer", "qkv_padded", "no_bias"],
+)
+def test_arena_linear_equals_the_lora_composition(outs, ranks, scale, bias, gelu, keep_output):
+    in_f = 12
+    ws, bs, As, Bs = site_operands(outs, in_f, ranks, bias=bias)
+    arena = Arena([(list(outs), in_f, list(ranks), bias)], torch.float32, torch.device("cpu"))
+    matrix, abias = arena.matrix(0), arena.bias(0)
+    for w, rows in zip(ws, arena.member_rows(0)):
+        matrix[rows, :in_f] = w
+    if bias:
+        for b, rows in zip(bs, arena.member_rows(0)):
+            abias[rows] = b
+    R = sum(ranks)
+    assert matrix.shape == (sum(outs) + -(-R // 8) * 8, in_f + -(-R // 8) * 8)  # room rounded up to 8
+    a, b = cast_packed(arena.layout, torch.float32, [*As, *Bs], into=arena)
+    x = torch.randn(2, 5, in_f, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out = arena_linear(x, ArenaCast(a, b, ArenaSite.of(arena, 0)), scale, gelu, keep_output)
+
+    h = F.gelu(x) if gelu else x
+    want = torch.cat(
+        [F.linear(h, w, bb) + scale * F.linear(F.linear(h, A), B) for w, bb, A, B in zip(ws, bs or [None] * 3, As, Bs)],
+        dim=-1,
+    )
+    assert out.shape == want.shape and torch.allclose(out, want, atol=1e-5)
+    assert torch.count_nonzero(matrix[sum(outs) :, in_f:]) == 0  # the corner stays zero
+    up = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad((out * up).sum(), [x, *As, *Bs])
+    exp = torch.autograd.grad((want * up).sum(), [x, *As, *Bs])
+    for gg, ee in zip(got, exp):
+        assert gg.shape == ee.shape and torch.allclose(gg, ee, atol=1e-4)
+
+
+def test_arena_linear_keeps_the_products_storage_only_when_the_output_is_kept():
+    arena = Arena([([64], 32, [4], True)], torch.float32, torch.device("cpu"))
+    a, b = cast_packed(arena.layout, torch.float32, [torch.randn(4, 32), torch.randn(64, 4)], into=arena)
+    x = torch.randn(256, 32, requires_grad=True)
+
+    def saved_storage(keep: bool) -> int:
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            arena_linear(x, ArenaCast(a, b, ArenaSite.of(arena, 0)), 1.0, keep_output=keep)
+        return sum(seen.values())
+
+    # not kept: a (256, 4) copy of the product, not the (256, 64 + 8) output storage
+    assert saved_storage(False) - saved_storage(True) == 256 * 4 * 4 - 256 * 72 * 4
+
+
+def bf16_module(tiny_model_dir, rank=4, use_arena=True):
+    from peft_lightning.backbone import load_backbone
+
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    lora = LoRA(rank=rank)
+    lora.use_arena = use_arena
+    module = MultiTaskModule(bb.encoder, lora, pooling="mean", fuse_passes=True)
+    store_frozen_in(module.encoder, torch.bfloat16)  # as on the GPU fast path
+    for layer in module.adapter.layers:  # B = 0 at init would hide a wrong B layout
+        torch.nn.init.normal_(layer.lora_B, std=0.5, generator=torch.Generator().manual_seed(len(layer.lora_B)))
+    module.eval()
+    return bb, module
+
+
+def bf16_step(module, batch) -> tuple[torch.Tensor, dict, dict]:
+    module.zero_grad(set_to_none=True)
+    with OpCounter() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+        loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}, counter.counts
+
+
+def test_a_lora_step_in_the_arena_is_the_same_step_with_two_gemms_fewer_a_layer(tiny_model_dir, data_dir, tmp_path):
+    from peft_lightning.data import MultiTaskDataModule
+
+    bb, arena_module = bf16_module(tiny_model_dir)
+    _, plain_module = bf16_module(tiny_model_dir, use_arena=False)
+    plain_module.load_state_dict(arena_module.state_dict())
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    loss, grads, ops = bf16_step(arena_module, batch)
+    loss_ref, grads_ref, ops_ref = bf16_step(plain_module, batch)
+    assert arena_module.adapter._plan[1][4] is not None and plain_module.adapter._plan[1][4] is None
+    assert torch.allclose(loss, loss_ref, rtol=1e-2)
+    assert grads.keys() == grads_ref.keys()
+    for name in grads:  # bf16 GEMMs over other blockings: rounding only
+        assert (grads[name] - grads_ref[name]).norm() <= 2e-2 * grads_ref[name].norm() + 1e-6, name
+    # sites: fused q/k/v, attention output, intermediate, FFN output; two GEMMs fewer each, except
+    # one fewer for the first q/k/v, whose input (the embeddings) needs no gradient: g B alone
+    sites = 4 * arena_module.encoder.num_layers
+    assert sum(ops_ref.get(k, 0) for k in GEMMS) - sum(ops.get(k, 0) for k in GEMMS) == 2 * sites - 1
+    # the two output layers' products are copied out of their outputs' storage
+    assert ops.get("clone", 0) - ops_ref.get("clone", 0) == 2 * arena_module.encoder.num_layers
+
+    # every frozen weight of a LoRA layer is a view of the arena: no second copy, no stacked q/k/v
+    arena = arena_module.adapter._plan[1][4]
+
+    def inside(t, buf):
+        return buf.data_ptr() <= t.data_ptr() < buf.data_ptr() + buf.nbytes
+
+    for layer in arena_module.adapter.layers:
+        assert inside(layer.base.weight, arena.flat) and inside(layer.base.bias, arena.bias_flat)
+    assert all(layer.attention.self._frozen_qkv is None for layer in arena_module.encoder.encoder.layer)
+
+
+def test_the_arena_follows_optimizer_steps_loads_and_replaced_weights(tiny_model_dir, data_dir, tmp_path):
+    from peft_lightning.data import MultiTaskDataModule
+
+    bb, module = bf16_module(tiny_model_dir)
+    _, plain = bf16_module(tiny_model_dir, use_arena=False)
+    plain.load_state_dict(module.state_dict())
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
+    dm.setup()
+    batches = iter(dm.train_dataloader())
+    batch = next(batches)
+    # fused AdamW, as training uses: it updates the parameters without bumping their version counters
+    opts = [
+        torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True) for m in (module, plain)
+    ]
+    for _ in range(3):  # the A and B the arena computes with are those the optimizer wrote
+        for m, opt in zip((module, plain), opts):
+            bf16_step(m, batch)
+            opt.step()
+    loss, _, _ = bf16_step(module, batch)
+    loss_ref, _, _ = bf16_step(plain, batch)
+    assert torch.allclose(loss, loss_ref, rtol=1e-2)
+    layer = module.adapter.layers[0]
+    arena = module.adapter._plan[1][4]
+    assert torch.equal(arena.handles()[0][: layer.rank], layer.lora_A.detach().bfloat16())
+
+    # two passes before one backward: the second writes the same A and B again, which autograd
+    # must not take for an in-place change of what the first pass saved
+    _, grads1, _ = bf16_step(module, batch)
+    module.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss2 = sum(sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items()) for _ in range(2))
+    loss2.backward()
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            assert torch.allclose(p.grad, 2 * grads1[n], rtol=1e-3, atol=1e-6), n
+
+    # a frozen weight loaded in place lands in the arena; one replaced by a new tensor rebuilds it
+    key = "encoder.encoder.layer.0.intermediate.dense.base.weight"
+    new = torch.randn_like(module.state_dict()[key])
+    module.load_state_dict({key: new}, strict=False)
+    assert torch.equal(module.encoder.encoder.layer[0].intermediate.dense.base.weight, new)
+    before = bf16_step(module, batch)[0]
+    dense = module.encoder.encoder.layer[1].intermediate.dense.base
+    dense.weight.data = torch.zeros_like(dense.weight)
+    after = bf16_step(module, batch)[0]
+    assert module.adapter._plan[1][4] is not arena and not torch.equal(before, after)
+    assert torch.count_nonzero(dense.weight) == 0  # the zeros are what the new arena computes with
