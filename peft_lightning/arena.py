@@ -152,19 +152,20 @@ class _ArenaLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, a, b, site: ArenaSite, scale: float, gelu: bool, keep_output: bool):
         o, r, n = site.out_features, site.rank, site.in_features
-        h = (F.gelu(x) if gelu else x).reshape(-1, n)
+        x2 = x.reshape(-1, n)
+        h = F.gelu(x2) if gelu else x2
         yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)  # (N, O + Rp)
         y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
         y.addmm_(z, site.b_t, alpha=scale)  # + s z B^T, in place: no extra pass over y
         if any(ctx.needs_input_grad):  # not when evaluating
             needs_x = ctx.needs_input_grad[0]
-            ctx.save_for_backward(x, z if keep_output else z.clone(), site.wb if needs_x else site.b, site.a)
-            ctx.scale, ctx.gelu, ctx.dims = scale, gelu, (o, r, n)
+            ctx.save_for_backward(x2, z if keep_output else z.clone(), site.wb if needs_x else site.b, site.a)
+            ctx.scale, ctx.gelu, ctx.dims, ctx.x_shape = scale, gelu, (o, r, n), x.shape
         return y.view(*x.shape[:-1], o)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, z, w, a = ctx.saved_tensors
+        x2, z, w, a = ctx.saved_tensors  # x2: the input as (N, in)
         o, r, n = ctx.dims
         g = grad_y.reshape(-1, o)
         needs_x = ctx.needs_input_grad[0]
@@ -177,13 +178,13 @@ class _ArenaLinear(torch.autograd.Function):
         if ctx.scale != 1.0:
             g_a.mul_(ctx.scale)
             grad_b.mul_(ctx.scale)
-        h = F.gelu(x) if ctx.gelu else x
-        grad_a = torch.mm(g_a.t(), h.reshape(-1, n))  # (R, in)
+        grad_a = torch.mm(g_a.t(), F.gelu(x2) if ctx.gelu else x2)  # (R, in)
         grad_x = None
         if needs_x:
-            grad_x = gx_ga.narrow(1, 0, n).addmm_(g_a, a).view(x.shape)  # g W + s g B A
+            grad_x = gx_ga.narrow(1, 0, n).addmm_(g_a, a)  # g W + s g B A
             if ctx.gelu:
-                grad_x = torch.ops.aten.gelu_backward(grad_x, x)
+                grad_x = torch.ops.aten.gelu_backward(grad_x, x2)
+            grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None, None, None
 
 
