@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -184,3 +186,23 @@ def test_the_arena_follows_optimizer_steps_loads_and_replaced_weights(tiny_model
     after = bf16_step(module, batch)[0]
     assert module.adapter._plan[1][4] is not arena and not torch.equal(before, after)
     assert torch.count_nonzero(dense.weight) == 0  # the zeros are what the new arena computes with
+
+
+def test_a_copy_of_a_module_builds_its_own_arena(tiny_model_dir, data_dir, tmp_path):
+    from peft_lightning.data import MultiTaskDataModule
+
+    bb, module = bf16_module(tiny_model_dir)
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    loss, grads, _ = bf16_step(module, batch)
+    twin = copy.deepcopy(module)
+    assert twin.adapter._plan is None  # no copy of the first module's arena comes along
+    twin_loss, twin_grads, _ = bf16_step(twin, batch)
+    arena = twin.adapter._plan[1][4]
+    assert arena is not module.adapter._plan[1][4]
+    flat = arena.flat
+    w = twin.adapter.layers[0].base.weight
+    assert flat.data_ptr() <= w.data_ptr() < flat.data_ptr() + flat.nbytes
+    assert torch.equal(loss, twin_loss)
+    assert all(torch.equal(grads[n], twin_grads[n]) for n in grads)

@@ -241,6 +241,10 @@ class LoRA(Adapter):
 
     use_arena = True  # False: keep frozen weights where they are and cast A and B into new tensors
 
+    def __getstate__(self) -> dict:
+        # a copy or a pickle gets no plan: its arena would not hold the copy's weights (it is rebuilt)
+        return {**self.__dict__, "_plan": None}
+
     def _cast_plan(self) -> tuple | None:
         """(layout, dtype, tensors, slots, arena, arena_sites) for this pass, or None; built again only
         when the layers' state changed (building walks every layer: ~0.6 ms on BERT-base)."""
