@@ -17,7 +17,7 @@ OUT=${OUT:-gpu_check}
 DATA=${DATA:-data}
 BUDGET=${1:-420}
 STAGES=${STAGES:-pytest bench graphs compiled train}
-CASES=${CASES:-full lora_r8 frozen prefix_p4_mlp lora_r64 prefix_p4}
+CASES=${CASES:-full lora_r8 lora_r8_no_arena frozen prefix_p4_mlp lora_r64 prefix_p4}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 start=$(date +%s)

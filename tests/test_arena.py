@@ -87,8 +87,7 @@ def bf16_module(tiny_model_dir, rank=4, use_arena=True):
     from peft_lightning.backbone import load_backbone
 
     bb = load_backbone(str(tiny_model_dir), "mean")
-    lora = LoRA(rank=rank)
-    lora.use_arena = use_arena
+    lora = LoRA(rank=rank, arena=use_arena)
     module = MultiTaskModule(bb.encoder, lora, pooling="mean", fuse_passes=True)
     store_frozen_in(module.encoder, torch.bfloat16)  # as on the GPU fast path
     for layer in module.adapter.layers:  # B = 0 at init would hide a wrong B layout

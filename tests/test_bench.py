@@ -44,13 +44,18 @@ def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     """The GPU path's bf16 step on CPU: LoRA's A and B arrive cast in a few ops, so a LoRA step
     dispatches fewer ops than a full fine-tuning step of the same model."""
     argv = ["--device", "cpu", "--model", "tiny", "--bf16", "--batch-sizes", "2", "--length", "8"]
-    bench.main([*argv, "--cases", "full", "lora_r8", "--steps", "1", "--warmup", "1", "--no-vs-full"])
+    cases = ["full", "lora_r8", "lora_r8_no_arena"]
+    bench.main([*argv, "--cases", *cases, "--steps", "1", "--warmup", "1", "--no-vs-full"])
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert printed[0]["bf16"] is True
     assert all("ratio_vs_our_full" not in r for r in printed[1:])
     ops = {(r["case"], r["impl"]): r["ops_per_step"] for r in printed[1:]}
     assert ops[("lora_r8", "ours")] < ops[("full", "ours")]
     assert ops[("lora_r8", "ours")] < ops[("lora_r8", "hf_peft")]
+    # the arena: two GEMMs fewer for each of tiny's 2 x 4 LoRA sites, one fewer for the first q/k/v
+    # (its input needs no gradient); the attention and FFN outputs' products are copied out (+2 a
+    # layer); A and B are written into the arena, not into a new zeroed block-diagonal buffer (-1)
+    assert ops[("lora_r8_no_arena", "ours")] - ops[("lora_r8", "ours")] == (2 * 8 - 1) - 2 * 2 + 1
 
 
 @pytest.mark.slow

@@ -151,6 +151,8 @@ class LoRA(Adapter):
         alpha: alpha for the two alpha scalings.
         dropout: dropout on the LoRA branch input.
         include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
+        arena: with bf16-mixed, keep A and B beside the frozen weights (`compute_dtype_weights`);
+            false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6.
     """
 
     name = "lora"
@@ -163,6 +165,7 @@ class LoRA(Adapter):
         alpha: float = 16.0,
         dropout: float = 0.0,
         include_pooler: bool | str = "auto",
+        arena: bool = True,
     ):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
@@ -175,6 +178,7 @@ class LoRA(Adapter):
         self.scale = lora_scale(scaling, self.alpha, rank)
         self.targets = list(targets) if not isinstance(targets, str) else [targets]
         self.include_pooler = include_pooler
+        self.use_arena = bool(arena)
         self.layers: list[LoRALinear] = []  # plain list: the modules live in the encoder
         self.target_names: list[str] = []
         self._attentions: list[BertSelfAttention] = []
@@ -238,8 +242,6 @@ class LoRA(Adapter):
         finally:
             for obj, attr in slots:
                 setattr(obj, attr, None)
-
-    use_arena = True  # False: keep frozen weights where they are and cast A and B into new tensors
 
     def __getstate__(self) -> dict:
         # a copy or a pickle gets no plan: its arena would not hold the copy's weights (it is rebuilt)
