@@ -83,6 +83,14 @@ class Arena:
         self.bias_flat = torch.zeros(bias_offset, dtype=dtype, device=device)
         self.index = torch.cat([p.reshape(-1) for p in pieces]).to(device)  # A/B element -> place in `flat`
         self.layout = CastLayout(groups)  # the layout of the handles: stacked A, block-diagonal B per site
+        self._handle_specs = [
+            spec
+            for s in self.sites
+            for spec in (
+                ((s.rank, s.in_features), (s.cols, 1), s.offset + s.out_features * s.cols),
+                ((s.out_features, s.rank), (s.cols, 1), s.offset + s.in_features),
+            )
+        ]
 
     def matrix(self, i: int) -> torch.Tensor:
         s = self.sites[i]
@@ -102,12 +110,8 @@ class Arena:
 
     def handles(self) -> list[torch.Tensor]:
         """Views of every site's A region (R, in) and B region (O, R), in the layout's order."""
-        out = []
-        for s in self.sites:
-            n_out, R = s.out_features, s.rank
-            out.append(self.flat.as_strided((R, s.in_features), (s.cols, 1), s.offset + n_out * s.cols))
-            out.append(self.flat.as_strided((n_out, R), (s.cols, 1), s.offset + s.in_features))
-        return out
+        flat = self.flat
+        return [flat.as_strided(size, stride, offset) for size, stride, offset in self._handle_specs]
 
 
 class ArenaSite(NamedTuple):

