@@ -104,15 +104,20 @@ def bf16_step(module, batch) -> tuple[torch.Tensor, dict, dict]:
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}, counter.counts
 
 
-def test_a_lora_step_in_the_arena_is_the_same_step_with_two_gemms_fewer_a_layer(tiny_model_dir, data_dir, tmp_path):
+def twins_and_batch(tiny_model_dir, data_dir, tmp_path):
+    """The tiny model with the arena and without it (the same weights), and a training batch."""
     from peft_lightning.data import MultiTaskDataModule
 
-    bb, arena_module = bf16_module(tiny_model_dir)
-    _, plain_module = bf16_module(tiny_model_dir, use_arena=False)
-    plain_module.load_state_dict(arena_module.state_dict())
+    bb, module = bf16_module(tiny_model_dir)
+    _, plain = bf16_module(tiny_model_dir, use_arena=False)
+    plain.load_state_dict(module.state_dict())
     dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
     dm.setup()
-    batch = next(iter(dm.train_dataloader()))
+    return module, plain, next(iter(dm.train_dataloader()))
+
+
+def test_a_lora_step_in_the_arena_is_the_same_step_with_two_gemms_fewer_a_layer(tiny_model_dir, data_dir, tmp_path):
+    arena_module, plain_module, batch = twins_and_batch(tiny_model_dir, data_dir, tmp_path)
     loss, grads, ops = bf16_step(arena_module, batch)
     loss_ref, grads_ref, ops_ref = bf16_step(plain_module, batch)
     assert arena_module.adapter._plan[1][4] is not None and plain_module.adapter._plan[1][4] is None
@@ -139,15 +144,7 @@ def test_a_lora_step_in_the_arena_is_the_same_step_with_two_gemms_fewer_a_layer(
 
 
 def test_the_arena_follows_optimizer_steps_loads_and_replaced_weights(tiny_model_dir, data_dir, tmp_path):
-    from peft_lightning.data import MultiTaskDataModule
-
-    bb, module = bf16_module(tiny_model_dir)
-    _, plain = bf16_module(tiny_model_dir, use_arena=False)
-    plain.load_state_dict(module.state_dict())
-    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
-    dm.setup()
-    batches = iter(dm.train_dataloader())
-    batch = next(batches)
+    module, plain, batch = twins_and_batch(tiny_model_dir, data_dir, tmp_path)
     # fused AdamW, as training uses: it updates the parameters without bumping their version counters
     opts = [
         torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2, fused=True) for m in (module, plain)
@@ -188,12 +185,7 @@ def test_the_arena_follows_optimizer_steps_loads_and_replaced_weights(tiny_model
 
 
 def test_a_copy_of_a_module_builds_its_own_arena(tiny_model_dir, data_dir, tmp_path):
-    from peft_lightning.data import MultiTaskDataModule
-
-    bb, module = bf16_module(tiny_model_dir)
-    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
-    dm.setup()
-    batch = next(iter(dm.train_dataloader()))
+    module, _, batch = twins_and_batch(tiny_model_dir, data_dir, tmp_path)
     loss, grads, _ = bf16_step(module, batch)
     twin = copy.deepcopy(module)
     assert twin.adapter._plan is None  # no copy of the first module's arena comes along
