@@ -6,7 +6,8 @@ the same random token batches (fixed length, no padding) in one process on one d
 prints one JSON line per implementation with ms/step (median of timed steps, the two
 implementations' steps interleaved so that clock or cache drift hits both alike), samples/s
 (3 x B examples a step), peak memory, `ops_per_step` (aten ops the step dispatches, views left out:
-about the kernels it launches, the count that bounds a launch-bound GPU step) and `ratio_vs_peft`
+about the kernels it launches, the count that bounds a launch-bound GPU step), `gemms_per_step`
+(the matrix products among them) and `ratio_vs_peft`
 (ours / theirs, lower is better). Each case other than full also times our full fine-tuning step in
 the same interleaved loop: `ratio_vs_our_full` (and on CUDA `mem_vs_our_full`), e.g. whether LoRA
 is faster than full fine-tuning in our hands (`--no-vs-full` skips it).
@@ -81,10 +82,14 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def count_ops(step) -> int:
+GEMMS = ("mm", "addmm", "addmm_", "bmm", "baddbmm", "addbmm")
+
+
+def count_ops(step) -> tuple[int, int]:
+    """(ops, GEMMs) one call of `step` dispatches (views and other metadata-only ops left out)."""
     with OpCounter() as counter:
         step()
-    return sum(counter.counts.values())
+    return sum(counter.counts.values()), sum(counter.counts.get(name, 0) for name in GEMMS)
 
 
 def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
@@ -223,7 +228,7 @@ def build_ours(case: str, cfg, state: dict, batch: dict, args, device: torch.dev
     first = time.perf_counter() - t0
     mem = peak_and_warm(step, args.warmup, device, base)
     return {
-        "step": step, "first": first, "mem": mem, "ops": None if args.compile else count_ops(step), "heads": heads
+        "step": step, "first": first, "mem": mem, "ops": (None, None) if args.compile else count_ops(step), "heads": heads
     }  # fmt: skip
 
 
@@ -275,7 +280,8 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
             "samples_per_s": round(3 * B / (t[impl] / 1000), 1),
             "peak_mem_mib": round(mem, 1),
             "encoder_trainable": trainable,
-            "ops_per_step": ops,
+            "ops_per_step": ops[0],
+            "gemms_per_step": ops[1],
             "ratio_vs_peft": round(t[impl] / t["hf_peft"], 3),
         }
         if impl == "ours" and full is not None:

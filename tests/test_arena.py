@@ -10,11 +10,9 @@ import torch.nn.functional as F
 
 from peft_lightning.adapters import LoRA
 from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
-from peft_lightning.bench import OpCounter
+from peft_lightning.bench import GEMMS, OpCounter
 from peft_lightning.module import MultiTaskModule, store_frozen_in
 from peft_lightning.ops import cast_packed
-
-GEMMS = ("mm", "addmm", "addmm_", "bmm")
 
 
 def site_operands(outs, in_f, ranks, seed=0, bias=True):

@@ -56,6 +56,9 @@ def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     # (its input needs no gradient); the attention and FFN outputs' products are copied out (+2 a
     # layer); A and B are written into the arena, not into a new zeroed block-diagonal buffer (-1)
     assert ops[("lora_r8_no_arena", "ours")] - ops[("lora_r8", "ours")] == (2 * 8 - 1) - 2 * 2 + 1
+    gemms = {(r["case"], r["impl"]): r["gemms_per_step"] for r in printed[1:]}
+    assert gemms[("lora_r8_no_arena", "ours")] - gemms[("lora_r8", "ours")] == 2 * 8 - 1
+    assert gemms[("full", "ours")] < gemms[("lora_r8", "ours")] < ops[("lora_r8", "ours")]
 
 
 @pytest.mark.slow
