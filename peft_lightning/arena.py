@@ -84,14 +84,7 @@ class Arena:
         self.bias_flat = torch.zeros(bias_offset, dtype=dtype, device=device)
         self.index = torch.cat([p.reshape(-1) for p in pieces]).to(device)  # A/B element -> place in `flat`
         self.layout = CastLayout(groups)  # the layout of the handles: stacked A, block-diagonal B per site
-        self._handle_specs = [
-            spec
-            for s in self.sites
-            for spec in (
-                ((s.rank, s.in_features), (s.cols, 1), s.offset + s.out_features * s.cols),
-                ((s.out_features, s.rank), (s.cols, 1), s.offset + s.in_features),
-            )
-        ]
+        self.views = [ArenaSite.of(self, i) for i in range(len(self.sites))]
 
     def matrix(self, i: int) -> torch.Tensor:
         s = self.sites[i]
@@ -110,9 +103,8 @@ class Arena:
         return out
 
     def handles(self) -> list[torch.Tensor]:
-        """Views of every site's A region (R, in) and B region (O, R), in the layout's order."""
-        flat = self.flat
-        return [flat.as_strided(size, stride, offset) for size, stride, offset in self._handle_specs]
+        """New views of every site's A region (R, in) and B region (O, R), in the layout's order."""
+        return [t.view_as(t) for v in self.views for t in (v.a, v.b)]
 
 
 class ArenaSite(NamedTuple):

@@ -38,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_lightning.adapters import Frozen, Full, LoRA, Prefix
 from peft_lightning.encoder import BertEncoder
-from peft_lightning.module import MultiTaskModule, store_frozen_in
+from peft_lightning.module import COMPILE_MODES, MultiTaskModule, store_frozen_in
 
 MODELS = {
     "minilm": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
@@ -48,16 +48,15 @@ MODELS = {
     # the host time (dispatch, autograd, Python) that a launch-bound GPU step pays, measurable on a CPU
     "overhead": dict(hidden_size=64, num_hidden_layers=12, num_attention_heads=4, intermediate_size=256),
 }
-CASES = {
+STUDY_CASES = {  # the default cases
     "frozen": (Frozen, {}),
     "full": (Full, {}),
     "lora_r8": (LoRA, {"rank": 8}),
     "lora_r64": (LoRA, {"rank": 64}),
     "prefix_p4_mlp": (Prefix, {"length": 4, "mlp": True}),
     "prefix_p4": (Prefix, {"length": 4, "mlp": False}),
-    "lora_r8_no_arena": (LoRA, {"rank": 8, "arena": False}),  # the arena's effect (bf16 only; not a default case)
 }
-DEFAULT_CASES = ["frozen", "full", "lora_r8", "lora_r64", "prefix_p4_mlp", "prefix_p4"]
+CASES = {**STUDY_CASES, "lora_r8_no_arena": (LoRA, {"rank": 8, "arena": False})}  # the arena's effect (bf16 only)
 
 
 class OpCounter(TorchDispatchMode):
@@ -300,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="minilm", choices=list(MODELS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--cases", nargs="+", default=DEFAULT_CASES, choices=list(CASES))
+    parser.add_argument("--cases", nargs="+", default=list(STUDY_CASES), choices=list(CASES))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="one encoder call per step")
@@ -314,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--compile-mode",
         default=None,
-        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        choices=list(COMPILE_MODES),
         help="torch.compile mode (implies --compile); reduce-overhead replays the encoder as CUDA graphs",
     )
     parser.add_argument(

@@ -194,12 +194,12 @@ class _CastPacked(torch.autograd.Function):
     def forward(ctx, layout: CastLayout, dtype: torch.dtype, into, *tensors):
         ctx.layout, ctx.dtype = layout, tensors[0].dtype
         ctx.set_materialize_grads(False)  # an output nobody used: its inputs get no gradient, as without packing
+        src = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
         if into is not None:  # an Arena: write the values into it, hand out views of where they are
             # through `.data`, which leaves the version counter alone: a second pass before the backward
             # writes the same values again, and autograd must not take that for a change
-            into.flat.data.index_copy_(0, into.index, torch.cat([t.reshape(-1) for t in tensors]).to(dtype))
+            into.flat.data.index_copy_(0, into.index, src)
             return tuple(into.handles())
-        src = torch.cat([t.reshape(-1) for t in tensors]).to(dtype)
         index = layout.index(src.device)
         dst = src if index is None else src.new_zeros(layout.size).index_copy_(0, index, src)
         return tuple(v.view(shape) for v, (_, shape) in zip(dst.split([n for n, _ in layout.outputs]), layout.outputs))

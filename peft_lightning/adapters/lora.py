@@ -340,7 +340,7 @@ def fits_arena(m: LoRALinear, dtype: torch.dtype) -> bool:
 def move_into_arena(sites: list[tuple[LoRALinear, ...]], dtype: torch.dtype) -> tuple[Arena, list[ArenaSite]]:
     """An `Arena` for these sites; each frozen weight and bias becomes a view of it (no second copy).
 
-    Returns the arena and each site's `ArenaSite`.
+    Returns the arena and each site's `ArenaSite` (`arena.views`).
     """
     device = sites[0][0].base.weight.device
     arena = Arena(
@@ -352,7 +352,6 @@ def move_into_arena(sites: list[tuple[LoRALinear, ...]], dtype: torch.dtype) -> 
         dtype,
         device,
     )  # fmt: skip
-    arena_sites = []
     for i, members in enumerate(sites):
         matrix, bias = arena.matrix(i), arena.bias(i)
         for m, rows in zip(members, arena.member_rows(i)):
@@ -362,5 +361,4 @@ def move_into_arena(sites: list[tuple[LoRALinear, ...]], dtype: torch.dtype) -> 
             if m.base.bias is not None:
                 bias[rows].copy_(m.base.bias)
                 m.base.bias.data = bias[rows]
-        arena_sites.append(ArenaSite.of(arena, i))
-    return arena, arena_sites
+    return arena, arena.views
