@@ -10,7 +10,9 @@ about the kernels it launches, the count that bounds a launch-bound GPU step), `
 (the matrix products among them) and `ratio_vs_peft`
 (ours / theirs, lower is better). Each case other than full also times our full fine-tuning step in
 the same interleaved loop: `ratio_vs_our_full` (and on CUDA `mem_vs_our_full`), e.g. whether LoRA
-is faster than full fine-tuning in our hands (`--no-vs-full` skips it).
+is faster than full fine-tuning in our hands (`--no-vs-full` skips it). On CUDA, `host_ms_per_step`
+is the time until the step returned, before the GPU was waited for; `--profile DIR` writes op tables
+of our steps and adds `kernels_per_step` and `device_busy_ms` (see `profile_step`).
 Random-init weights: speed does not depend on them. On CUDA, peak memory is what the
 implementation's steps allocate on top of what existed before it was built (its weights, gradients,
 optimizer state and activations); on CPU it is the process RSS high-water mark, not per case.
@@ -30,6 +32,7 @@ import platform
 import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -189,19 +192,60 @@ def peak_and_warm(step, warmup: int, device: torch.device, base: int) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def alternate(steps: dict, n: int, device: torch.device) -> dict[str, float]:
-    """Median ms/step of each implementation, their steps interleaved (so drift hits both alike)."""
+def alternate(steps: dict, n: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Median ms/step of each implementation, their steps interleaved (so drift hits both alike), and
+    the median ms until the step returned to the host (on CUDA, before synchronising: a step whose
+    host time is its whole time is bound by the host, one whose host time is short waits for the GPU)."""
     times = {k: [] for k in steps}
+    host = {k: [] for k in steps}
     for _ in range(n):
         for k, step in steps.items():
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
             step()
+            host[k].append(1000 * (time.perf_counter() - t0))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times[k].append(1000 * (time.perf_counter() - t0))
-    return {k: statistics.median(v) for k, v in times.items()}
+    return {k: (statistics.median(times[k]), statistics.median(host[k])) for k in steps}
+
+
+def busy_ms(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) intervals (us in, ms out): how long the device was busy."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e > end:
+            total += e - max(s, end)
+            end = e
+    return total / 1000
+
+
+def profile_step(step, n: int, device: torch.device, path: Path) -> dict:
+    """Profile `n` steps with torch.profiler: the op table (sorted by host time and, on CUDA, by device
+    time) goes to `path`; on CUDA returns the kernels (and copies) a step launches and the ms a step the
+    GPU was busy, else Nones. Where a step's busy ms is well under its ms/step, the GPU waits for the host."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for _ in range(n):
+            step()
+        if cuda:
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    tables = [f"{n} steps, sorted by self CPU time\n" + averages.table(sort_by="self_cpu_time_total", row_limit=40)]
+    if cuda:
+        tables.append(
+            f"{n} steps, sorted by self device time\n" + averages.table(sort_by="self_device_time_total", row_limit=40)
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(tables))
+    if not cuda:
+        return {"kernels_per_step": None, "device_busy_ms": None}
+    kernels = [(e.time_range.start, e.time_range.end) for e in prof.events() if e.device_type == DeviceType.CUDA]
+    return {"kernels_per_step": round(len(kernels) / n), "device_busy_ms": round(busy_ms(kernels) / n, 2)}
 
 
 def build_ours(case: str, cfg, state: dict, batch: dict, args, device: torch.device) -> dict:
@@ -265,7 +309,17 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
     steps = {"ours": ours["step"], "hf_peft": theirs}
     if full is not None:
         steps["ours_full"] = full["step"]
-    t = alternate(steps, args.steps, device)
+    timed = alternate(steps, args.steps, device)
+    t = {k: ms for k, (ms, _) in timed.items()}
+    profiled = {}
+    if args.profile:  # after the timing, so that the profiler's overhead stays out of it
+        for impl in ("ours", "ours_full"):
+            if impl in steps:
+                path = Path(args.profile) / f"{case}-b{B}-{impl}.txt"
+                try:  # a profiler that cannot run (no CUPTI, say) must not cost the timings above
+                    profiled[impl] = profile_step(steps[impl], args.profile_steps, device, path)
+                except Exception as e:  # noqa: BLE001
+                    profiled[impl] = {"profile_error": f"{type(e).__name__}: {e}"[:300]}
     rows = []
     for impl, mem, ops in (("ours", ours["mem"], ours["ops"]), ("hf_peft", mem_peft, ops_peft)):
         row = {
@@ -283,8 +337,16 @@ def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
             "gemms_per_step": ops[1],
             "ratio_vs_peft": round(t[impl] / t["hf_peft"], 3),
         }
+        if device.type == "cuda":
+            row["host_ms_per_step"] = round(timed[impl][1], 2)
+        if impl == "ours" and profiled:
+            row.update(profiled["ours"])
         if impl == "ours" and full is not None:
             row["our_full_ms"] = round(t["ours_full"], 2)
+            if device.type == "cuda":
+                row["our_full_host_ms"] = round(timed["ours_full"][1], 2)
+            if profiled:
+                row.update({f"our_full_{k}": v for k, v in profiled["ours_full"].items()})
             row["ratio_vs_our_full"] = round(t["ours"] / t["ours_full"], 3)
             row["mem_vs_our_full"] = round(mem / full["mem"], 3) if device.type == "cuda" else None
         if impl == "ours" and args.compile:
@@ -323,6 +385,13 @@ def main(argv: list[str] | None = None) -> None:
         help="also time our full fine-tuning step, interleaved, for each other case (ratio_vs_our_full)",
     )
     parser.add_argument("--out", help="also append each JSON line to this file as it is printed")
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after timing, profile our step (and our full step) with torch.profiler: op tables to "
+        "DIR/<case>-b<B>-<impl>.txt; on CUDA, kernels_per_step and device_busy_ms in the row",
+    )
+    parser.add_argument("--profile-steps", type=int, default=3, help="steps to profile (with --profile)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     args.compile = args.compile or args.compile_mode is not None

@@ -70,3 +70,34 @@ def test_bench_compile_mode_compiles_our_encoder(capsys):
     assert header["compile"] is True and header["compile_mode"] == "reduce-overhead"
     assert ours["first_step_s"] > 0 and "first_step_s" not in theirs
     assert ours["ops_per_step"] is None and theirs["ops_per_step"] > 0  # no op counting inside compiled code
+
+
+def test_bench_profile_writes_op_tables_for_ours_and_our_full(tmp_path, capsys):
+    argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8", "--steps", "1"]
+    bench.main(
+        [*argv, "--cases", "lora_r8", "--warmup", "1", "--profile", str(tmp_path / "prof"), "--profile-steps", "2"]
+    )
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    ours = printed[1]
+    assert ours["impl"] == "ours" and "host_ms_per_step" not in ours  # CPU: the host time is the step
+    assert ours["kernels_per_step"] is None and ours["our_full_device_busy_ms"] is None  # CUDA only
+    tables = {p.name: p.read_text() for p in (tmp_path / "prof").iterdir()}
+    assert sorted(tables) == ["lora_r8-b2-ours.txt", "lora_r8-b2-ours_full.txt"]
+    assert tables["lora_r8-b2-ours.txt"].startswith("2 steps, sorted by self CPU time")
+    assert "_LowRankLinearBackward" in tables["lora_r8-b2-ours.txt"]  # fp32 on CPU: no arena
+    assert "aten::_fused_adamw_" in tables["lora_r8-b2-ours_full.txt"]
+    assert "_LowRankLinear" not in tables["lora_r8-b2-ours_full.txt"]
+
+
+def test_busy_ms_is_the_union_of_kernel_intervals():
+    assert bench.busy_ms([]) == 0
+    # us in, ms out; overlaps (two streams) and nested intervals count once, gaps not at all
+    assert bench.busy_ms([(0, 1000), (500, 1500), (2000, 2500), (2100, 2200)]) == pytest.approx(2.0)
+
+
+def test_alternate_reports_host_time_and_total_time():
+    import time
+
+    ms = bench.alternate({"a": lambda: time.sleep(0.004), "b": lambda: None}, 3, bench.torch.device("cpu"))
+    (a, a_host), (b, b_host) = ms["a"], ms["b"]
+    assert 4 <= a_host <= a < 50 and b_host <= b < 1
