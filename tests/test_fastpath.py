@@ -63,6 +63,51 @@ def test_compiled_encoder_gives_the_same_losses(tiny_model_dir, data_dir, tmp_pa
     assert eager == pytest.approx(compiled, rel=1e-4, abs=1e-5)
 
 
+@pytest.mark.slow
+def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir):
+    """Bucketed lengths and a short last batch: the first shape compiles, the next length makes that
+    dimension dynamic (one more), the short batch the batch dimension (one more); then no batch of any
+    bucket compiles again, and evaluation adds one graph (no grad, no dropout) for all its shapes."""
+    from torch._dynamo.utils import counters
+
+    from peft_lightning.bench import ours_step
+
+    def make_batches(B: int, L: int, vocab: int, device, seed: int = 0) -> dict:
+        g = torch.Generator().manual_seed(seed)
+
+        def enc() -> dict:
+            ids = torch.randint(5, vocab, (B, L), generator=g)
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+
+        labels = {"sst5": torch.randint(0, 5, (B,), generator=g), "qqp": torch.randint(0, 2, (B,), generator=g)}
+        return {
+            "sst5": {"inputs": [enc()], "labels": labels["sst5"]},
+            "qqp": {"inputs": [enc(), enc()], "labels": labels["qqp"]},
+            "stsb": {"inputs": [enc(), enc()], "labels": torch.rand(B, generator=g) * 5},
+        }
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    module = MultiTaskModule(bb.encoder, LoRA(rank=4), pooling="mean", fuse_passes=True, compile=True)
+    module.configure_model()
+    module.train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
+    vocab = bb.encoder.config.vocab_size
+    compiled = []
+    for i, (B, L) in enumerate([(4, 16), (4, 32), (4, 48), (3, 32), (4, 64), (2, 16), (4, 48), (4, 16)]):
+        ours_step(module, opt, make_batches(B, L, vocab, module.device, seed=i), amp=False)
+        compiled.append(counters["stats"]["unique_graphs"])
+    assert compiled == [1, 2, 2, 3, 3, 3, 3, 3]
+    module.eval()
+    with torch.no_grad():
+        for B, L in [(4, 16), (4, 64), (1, 32)]:
+            module(make_batches(B, L, vocab, module.device))
+    assert counters["stats"]["unique_graphs"] == 4
+    torch._dynamo.reset()
+
+
 def test_unknown_compile_mode_is_refused(tiny_model_dir):
     bb = load_backbone(str(tiny_model_dir), "mean")
     with pytest.raises(ValueError, match=r"model.compile='fast' is unknown; expected true, false or one of"):
