@@ -8,6 +8,7 @@ interrupted one resumes from `checkpoints/last.ckpt` (`ckpt_path=auto`, the defa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -52,8 +53,21 @@ def conf_dir() -> str:
     raise FileNotFoundError(f"no conf/train.yaml next to {here}")
 
 
+MAX_RUN_NAME = 200  # bytes; a file name may have 255
+
+
 def _run_name(dirname: str) -> str:
-    return dirname.replace("/", "_") if dirname else "default"
+    """A run folder's name: the job's overrides (`a=1,b=2`). Over 200 bytes it is cut after a whole
+    override and ends in `sha1=<10 hex>` of the full name, so the same overrides name the same folder
+    (and resume it) and no file system refuses it."""
+    name = dirname.replace("/", "_") if dirname else "default"
+    raw = name.encode()
+    if len(raw) <= MAX_RUN_NAME:
+        return name
+    head = raw[: MAX_RUN_NAME - len(",sha1=") - 10].decode(errors="ignore")
+    if "," in head:
+        head = head.rsplit(",", 1)[0]
+    return f"{head},sha1={hashlib.sha1(raw).hexdigest()[:10]}"
 
 
 OmegaConf.register_new_resolver("run_name", _run_name, replace=True)

@@ -79,3 +79,19 @@ def test_conf_dir_is_found():
     from peft_lightning.train import conf_dir
 
     assert Path(conf_dir()) == ROOT / "conf"
+
+
+def test_run_folder_names_fit_a_file_system():
+    from peft_lightning.train import MAX_RUN_NAME, _run_name
+
+    assert _run_name("") == "default"
+    assert _run_name("adapter=lora,model/x=1") == "adapter=lora,model_x=1"
+    many = ",".join(f"data.option_{i}=value_{i}" for i in range(20))  # 20 overrides, ~420 bytes
+    name = _run_name(many)
+    assert len(name.encode()) <= MAX_RUN_NAME <= 255
+    head, digest = name.rsplit(",sha1=", 1)
+    assert many.startswith(head + ",") and len(digest) == 10  # cut after a whole override
+    assert _run_name(many) == name  # the same overrides name the same folder: a rerun resumes it
+    assert _run_name(many[:-1] + "X") != name  # the hash covers what was cut off
+    wide = "model.note=" + "é" * 150  # 300 bytes in one override: cut on a character boundary
+    assert len(_run_name(wide).encode()) <= MAX_RUN_NAME and _run_name(wide).startswith("model.note=é")
