@@ -248,3 +248,68 @@ def test_peft_data_converts_hub_datasets(tmp_path):
     assert q.ids == ["7", "9"] and q.labels == [0.0, 1.0]
     t = read_split(tmp_path, TASKS["stsb"], "test")
     assert t.ids == ["test-0000", "test-0001"] and t.labels is None
+
+
+def padded_tokens(batches, lengths) -> int:
+    return sum(max(lengths[r] for r in b) * len(b) for b in batches)
+
+
+def test_group_by_length_batches_rows_of_similar_length():
+    n, bs = 1000, 8
+    lengths = torch.randint(5, 120, (n,), generator=torch.Generator().manual_seed(0))
+    sizes, batch_sizes = {"sst5": n}, {"sst5": bs}
+    plain = keys_of(ScheduleSampler(sizes, batch_sizes, seed=1), 0)
+    grouped = ScheduleSampler(sizes, batch_sizes, seed=1, lengths={"sst5": lengths}, group_by_length=50)
+    keys = keys_of(grouped, 0)
+    batches = [rows for k in keys for _, rows in k]
+    assert len(keys) == len(plain) == 125
+    assert sorted(r for b in batches for r in b) == list(range(n))  # a pass holds every row once
+    assert sum(len(b) < bs for b in batches) == 0  # 1000 = 125 x 8: no short batch
+    real = int(lengths.sum())
+    assert padded_tokens([rows for k in plain for _, rows in k], lengths) > 1.5 * real
+    assert padded_tokens(batches, lengths) < 1.1 * real
+    # the batch order is shuffled, not short-to-long: lengths of consecutive batches are not sorted
+    firsts = [int(lengths[b[0]]) for b in batches]
+    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)
+    assert keys_of(grouped, 0) == keys and keys_of(grouped, 1) != keys  # seeded per epoch, as without
+
+
+def test_group_by_length_keeps_a_short_last_batch_and_cycles():
+    lengths = {"sst5": torch.arange(10), "qqp": torch.arange(23) % 7}
+    s = ScheduleSampler({"sst5": 10, "qqp": 23}, {"sst5": 4, "qqp": 4}, lengths=lengths, group_by_length=2)
+    keys = keys_of(s, 0)
+    assert len(keys) == 6  # qqp: ceil(23 / 4)
+    qqp = [rows for k in keys for t, rows in k if t == "qqp"]
+    assert sorted(len(b) for b in qqp) == [3, 4, 4, 4, 4, 4] and sorted(r for b in qqp for r in b) == list(range(23))
+    sst = [rows for k in keys for t, rows in k if t == "sst5"]  # 3 batches a pass: cycles into a second
+    assert set(r for b in sst[:3] for r in b) == set(range(10))
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"group_by_length": -1}, "data.group_by_length must be 0 .off. or a whole number of batches, got -1"),
+        ({"group_by_length": 2.5}, "data.group_by_length must be 0 .off. or a whole number of batches, got 2.5"),
+        ({"group_by_length": 4}, "data.group_by_length needs every task's row lengths"),
+        ({"group_by_length": 4, "lengths": {"sst5": torch.ones(20)}}, "data.group_by_length needs every task's"),
+    ],
+)
+def test_group_by_length_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleSampler(SIZES, BS, "joint", **kwargs)
+
+
+def test_datamodule_groups_training_batches_by_length(data_dir, tiny_tokenizer, tmp_path):
+    def batches(group: int) -> list[dict]:
+        dm = MultiTaskDataModule(data_dir, tiny_tokenizer, batch_size=4, cache_dir=tmp_path, group_by_length=group)
+        dm.setup()
+        return list(dm.train_dataloader())
+
+    def width_and_rows(steps):
+        width = sum(s[t]["inputs"][0]["input_ids"].numel() for s in steps for t in s)
+        rows = sorted(int(i) for s in steps for i in s["qqp"]["index"])
+        return width, rows
+
+    (plain_tokens, plain_rows), (grouped_tokens, grouped_rows) = width_and_rows(batches(0)), width_and_rows(batches(3))
+    assert grouped_rows == plain_rows  # the same rows, batched differently
+    assert grouped_tokens < plain_tokens  # less padding

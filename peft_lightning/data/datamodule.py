@@ -69,6 +69,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         on_bad_row: `raise` or `skip` (see `readers.read_split`).
         tokenizer_id: a stable name for the tokenizer in cache keys (default: its fingerprint).
         pad_to_multiple_of: round batch widths up to this multiple (bucketed shapes for compile).
+        group_by_length: 0 (the study: random training batches), or training batches of similar
+            lengths, grouped within runs of this many batches (`schedules.BatchStream`; less padding).
     """
 
     def __init__(
@@ -90,6 +92,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         on_bad_row: str = "raise",
         tokenizer_id: str | None = None,
         pad_to_multiple_of: int = 1,
+        group_by_length: int = 0,
     ):
         super().__init__()
         self.dir = Path(dir)
@@ -112,6 +115,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         if int(pad_to_multiple_of) < 1:
             raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
         self.multiple = int(pad_to_multiple_of)
+        self.group_by_length = group_by_length
         self.splits: dict[tuple[str, str], EncodedSplit] = {}
         self.sampler: ScheduleSampler | None = None
 
@@ -142,8 +146,16 @@ class MultiTaskDataModule(L.LightningDataModule):
                     g = torch.Generator().manual_seed(self.seed + (split == "dev"))
                     enc = enc.subset(torch.randperm(len(enc), generator=g)[:limit].sort().values)
                 self.splits[(task.name, split)] = enc
-        sizes = {t: len(self.splits[(t, "train")]) for t in self.task_names}
-        self.sampler = ScheduleSampler(sizes, self.batch_size, self.schedule, self.temperature, self.seed)
+        train = {t: self.splits[(t, "train")] for t in self.task_names}
+        self.sampler = ScheduleSampler(
+            {t: len(s) for t, s in train.items()},
+            self.batch_size,
+            self.schedule,
+            self.temperature,
+            self.seed,
+            lengths={t: s.lengths() for t, s in train.items()} if self.group_by_length else None,
+            group_by_length=self.group_by_length,
+        )
 
     def split(self, task: str, split: str) -> EncodedSplit:
         return self.splits[(task, split)]

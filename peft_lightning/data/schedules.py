@@ -29,10 +29,26 @@ Key = tuple[tuple[str, tuple[int, ...]], ...]  # ((task, rows), ...) for one ste
 
 
 class BatchStream:
-    """Endless seeded batches of one task's rows for one epoch."""
+    """Endless seeded batches of one task's rows for one epoch.
 
-    def __init__(self, n_rows: int, batch_size: int, seed: int, epoch: int, task_idx: int):
+    With `lengths` and `group` > 0, batches are grouped by length (less padding): the permutation
+    is cut into runs of `group` batches, each run is sorted by length and cut into batches, and
+    the batches are put in a seeded random order. Rows meet other rows of similar length; which
+    rows a pass over the data holds, and how many batches, is unchanged.
+    """
+
+    def __init__(
+        self,
+        n_rows: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        task_idx: int,
+        lengths: torch.Tensor | None = None,
+        group: int = 0,
+    ):
         self.n_rows, self.batch_size = n_rows, batch_size
+        self.lengths, self.group = lengths, group
         self.seed = (seed * 1_000_003 + epoch * 7_919 + task_idx * 104_729) % (2**62)
         self.cycle = 0
         self.pending: list[tuple[int, ...]] = []
@@ -40,8 +56,17 @@ class BatchStream:
     def __next__(self) -> tuple[int, ...]:
         if not self.pending:
             g = torch.Generator().manual_seed(self.seed + self.cycle)
-            perm = torch.randperm(self.n_rows, generator=g).tolist()
-            self.pending = [tuple(perm[i : i + self.batch_size]) for i in range(0, self.n_rows, self.batch_size)]
+            perm = torch.randperm(self.n_rows, generator=g)
+            bs = self.batch_size
+            if self.lengths is not None and self.group > 0:
+                run = self.group * bs  # a multiple of the batch size: only the last batch can be short
+                runs = [perm[i : i + run] for i in range(0, self.n_rows, run)]
+                runs = [r[torch.argsort(self.lengths[r], stable=True)].tolist() for r in runs]
+                batches = [tuple(r[i : i + bs]) for r in runs for i in range(0, len(r), bs)]
+                self.pending = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+            else:
+                order = perm.tolist()
+                self.pending = [tuple(order[i : i + bs]) for i in range(0, self.n_rows, bs)]
             self.pending.reverse()
             self.cycle += 1
         return self.pending.pop()
@@ -56,6 +81,9 @@ class ScheduleSampler(Sampler[Key]):
         schedule: one of SCHEDULES.
         temperature: T for the `temperature` schedule.
         seed: base seed; the epoch is mixed in through `set_epoch` (Lightning calls it).
+        lengths: tokens of each row per task (its longest pass), for `group_by_length`.
+        group_by_length: 0 (the study: random batches), or batches grouped by length within runs of
+            this many batches (see `BatchStream`); needs `lengths`.
     """
 
     def __init__(
@@ -65,9 +93,18 @@ class ScheduleSampler(Sampler[Key]):
         schedule: str = "joint",
         temperature: float = 1.0,
         seed: int = 0,
+        lengths: dict[str, torch.Tensor] | None = None,
+        group_by_length: int = 0,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"data.schedule={schedule!r} is unknown; expected one of {list(SCHEDULES)}")
+        if group_by_length < 0 or int(group_by_length) != group_by_length:
+            raise ValueError(
+                f"data.group_by_length must be 0 (off) or a whole number of batches, got {group_by_length}"
+            )
+        if group_by_length and (lengths is None or any(len(lengths.get(t, ())) != n for t, n in sizes.items())):
+            raise ValueError("data.group_by_length needs every task's row lengths")
+        self.lengths, self.group = lengths if group_by_length else None, int(group_by_length)
         if schedule == "temperature" and not temperature > 0:
             raise ValueError(f"data.temperature must be > 0, got {temperature}")
         self.sizes, self.batch_sizes = dict(sizes), dict(batch_sizes)
@@ -94,7 +131,16 @@ class ScheduleSampler(Sampler[Key]):
     def __iter__(self) -> Iterator[Key]:
         tasks = list(self.sizes)
         streams = {
-            t: BatchStream(self.sizes[t], self.batch_sizes[t], self.seed, self.epoch, i) for i, t in enumerate(tasks)
+            t: BatchStream(
+                self.sizes[t],
+                self.batch_sizes[t],
+                self.seed,
+                self.epoch,
+                i,
+                self.lengths[t] if self.lengths is not None else None,
+                self.group,
+            )
+            for i, t in enumerate(tasks)
         }
         steps = len(self)
         if self.schedule == "joint":
