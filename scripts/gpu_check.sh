@@ -7,8 +7,8 @@
 #   pytest    pytest -m gpu (fast path, eager / compiled / CUDA graphs = fp32 reference losses, tiny model)
 #   bench     peft-bench, eager, bert-base shape, B=32 and 8, L=128, the CASES (each timed with our full
 #             step interleaved: ratio_vs_our_full)
-#   profile   peft-bench --profile, eager, LoRA r=8 vs full at B=32 and 8: op tables (host and device time)
-#             to $OUT/profile/, kernels a step and the ms a step the GPU was busy in the rows
+#   profile   peft-bench --profile, eager, B=32, LoRA r=8 with and without the arena, each vs full: op
+#             tables (host and device time) to $OUT/profile/, kernels a step and GPU-busy ms in the rows
 #   graphs    peft-bench, encoder compiled with mode reduce-overhead (CUDA graphs), LoRA r=8 vs full
 #   compiled  peft-bench, encoder compiled (default mode), LoRA r=8 vs full
 #   train     a short MiniLM LoRA run (2000 rows a task, 2 epochs) without and with the fast path
@@ -47,8 +47,8 @@ step() { # step <max seconds> <name> <command...>
         bench) step 180 bench-eager python3 -m peft_lightning.bench --device cuda --model bert_base \
             --batch-sizes 32 8 --length 128 --cases $CASES --out "$OUT/bench.jsonl" ;;
         profile) step 120 bench-profile python3 -m peft_lightning.bench --device cuda --model bert_base \
-            --batch-sizes 32 8 --length 128 --cases lora_r8 --steps 5 --warmup 2 --profile "$OUT/profile" \
-            --out "$OUT/bench.jsonl" ;;
+            --batch-sizes 32 --length 128 --cases lora_r8 lora_r8_no_arena --steps 5 --warmup 2 \
+            --profile "$OUT/profile" --out "$OUT/bench.jsonl" ;;
         graphs) step 240 bench-graphs python3 -m peft_lightning.bench --device cuda --model bert_base \
             --batch-sizes 32 8 --length 128 --cases lora_r8 --compile --compile-mode reduce-overhead \
             --out "$OUT/bench.jsonl" ;;
