@@ -313,3 +313,18 @@ def test_datamodule_groups_training_batches_by_length(data_dir, tiny_tokenizer, 
     (plain_tokens, plain_rows), (grouped_tokens, grouped_rows) = width_and_rows(batches(0)), width_and_rows(batches(3))
     assert grouped_rows == plain_rows  # the same rows, batched differently
     assert grouped_tokens < plain_tokens  # less padding
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"batch_size": {"sst5": 8, "qqp": 0, "stsb": 8}}, r"data.batch_size.qqp must be a whole number >= 1, got 0"),
+        ({"batch_size": 2.5}, r"data.batch_size.sst5 must be a whole number >= 1, got 2.5"),
+        ({"pad_to_multiple_of": "abc"}, r"data.pad_to_multiple_of must be a whole number >= 1, got 'abc'"),
+        ({"group_by_length": -1}, r"data.group_by_length must be a whole number >= 0, got -1"),
+        ({"group_by_length": "abc"}, r"data.group_by_length must be a whole number >= 0, got 'abc'"),
+    ],
+)
+def test_datamodule_numbers_are_checked_up_front(data_dir, tiny_tokenizer, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        MultiTaskDataModule(data_dir, tiny_tokenizer, **kwargs)

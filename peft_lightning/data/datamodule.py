@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
@@ -20,6 +21,13 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PEFT_CACHE_DIR", Path.home() / ".cache" / "peft_lightning"))
+
+
+def whole(name: str, value, minimum: int) -> int:
+    """`value` as an int of at least `minimum`, or a ValueError that names the option."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+    return value
 
 
 class StepDataset(Dataset):
@@ -99,23 +107,19 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.tokenizer, self.tokenizer_id = tokenizer, tokenizer_id
         self.tasks = get_tasks(list(tasks) if tasks is not None else None)
         names = [t.name for t in self.tasks]
-        if isinstance(batch_size, int):
+        if not isinstance(batch_size, Mapping):  # one size for every task
             batch_size = dict.fromkeys(names, batch_size)
         missing = [n for n in names if n not in batch_size]
         if missing:
             raise ValueError(f"data.batch_size has no entry for task(s) {missing}")
-        if any(int(batch_size[n]) < 1 for n in names):
-            raise ValueError(f"data.batch_size must be >= 1 for every task, got {dict(batch_size)}")
-        self.batch_size = {n: int(batch_size[n]) for n in names}
+        self.batch_size = {n: whole(f"data.batch_size.{n}", batch_size[n], 1) for n in names}
         self.eval_batch_size, self.max_length = eval_batch_size, max_length
         self.pair_encoding, self.schedule, self.temperature = pair_encoding, schedule, temperature
         self.limit_train, self.limit_eval, self.seed, self.num_workers = limit_train, limit_eval, seed, num_workers
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.on_bad_row = on_bad_row
-        if int(pad_to_multiple_of) < 1:
-            raise ValueError(f"data.pad_to_multiple_of must be >= 1, got {pad_to_multiple_of}")
-        self.multiple = int(pad_to_multiple_of)
-        self.group_by_length = group_by_length
+        self.multiple = whole("data.pad_to_multiple_of", pad_to_multiple_of, 1)
+        self.group_by_length = whole("data.group_by_length", group_by_length, 0)
         self.splits: dict[tuple[str, str], EncodedSplit] = {}
         self.sampler: ScheduleSampler | None = None
 
