@@ -12,6 +12,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
 from peft_lightning.adapters.base import Adapter
+from peft_lightning.checks import real
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.heads import build_heads
 from peft_lightning.tasks import TASKS, get_tasks
@@ -86,6 +87,14 @@ class MultiTaskModule(L.LightningModule):
         identity: dict | None = None,
     ):
         super().__init__()
+        lr = real("optim.lr", lr, 0, low_open=True)
+        adapter_lr, head_lr = (
+            None if v is None else real(f"optim.{name}", v, 0, low_open=True)
+            for name, v in (("adapter_lr", adapter_lr), ("head_lr", head_lr))
+        )
+        weight_decay = real("optim.weight_decay", weight_decay, 0)
+        warmup_ratio = real("optim.warmup_ratio", warmup_ratio, 0, 1)
+        head_dropout = real("model.head_dropout", head_dropout, 0, 1)
         if lr_schedule not in ("constant", "linear", "cosine"):
             raise ValueError(f"optim.lr_schedule={lr_schedule!r} is unknown; expected constant, linear or cosine")
         self.task_names = [t.name for t in get_tasks(tasks)]

@@ -26,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.backbone import load_backbone
+from peft_lightning.checks import whole
 from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.gpus import gpu_slot
 from peft_lightning.module import MultiTaskModule
@@ -163,7 +164,7 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.force and is_complete(run_dir):
         log.info("%s is complete; skipping (force=true reruns it)", run_dir)
         return read_results(run_dir)
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
     backbone = load_backbone(
         cfg.model.source,
         cfg.model.pooling,
@@ -171,6 +172,9 @@ def train(cfg: DictConfig) -> dict:
         OmegaConf.to_container(cfg.model.config_overrides) if cfg.model.get("config_overrides") else None,
         cfg.seed,
     )
+    positions = backbone.encoder.config.max_position_embeddings
+    if isinstance(cfg.data.max_length, int) and cfg.data.max_length > positions:
+        raise ValueError(f"data.max_length={cfg.data.max_length} is more than the backbone's {positions} positions")
     data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
     data_dir = to_absolute_path(data_kwargs.pop("dir"))
     dm = MultiTaskDataModule(data_dir, backbone.tokenizer, seed=cfg.seed, **data_kwargs)

@@ -133,6 +133,7 @@ def tiny_overrides(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> l
         "trainer.accelerator=cpu",
         "trainer.enable_progress_bar=false",
         "optim.lr=3e-3",
+        "data.max_length=64",  # the tiny model's positions
         *extra,
     ]
 

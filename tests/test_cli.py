@@ -27,6 +27,7 @@ def tiny(model_dir, data_dir, tmp_path) -> list[str]:
         f"model.source={model_dir}",
         f"data.dir={data_dir}",
         f"data.cache_dir={tmp_path / 'c'}",
+        "data.max_length=64",  # the tiny model's positions
         "trainer.max_epochs=1",
     ]
 

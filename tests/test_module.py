@@ -267,3 +267,24 @@ def test_compile_mode_reaches_training(tiny_model_dir, data_dir, tmp_path):
 def test_unknown_compile_mode_is_a_config_error(tiny_model_dir, data_dir, tmp_path):
     with pytest.raises(ValueError, match=r"model.compile='turbo' is unknown"):
         run(tiny_model_dir, data_dir, tmp_path / "bad", "adapter=lora", "model.compile=turbo", "raise_errors=true")
+
+
+@pytest.mark.parametrize(
+    "override,match",
+    [
+        ("optim.lr=abc", r"optim.lr must be a number > 0, got 'abc'"),
+        ("optim.head_lr=0", r"optim.head_lr must be a number > 0, got 0"),
+        ("optim.weight_decay=-1", r"optim.weight_decay must be a number >= 0, got -1"),
+        ("optim.warmup_ratio=2", r"optim.warmup_ratio must be a number >= 0 and < 1, got 2"),
+        ("model.head_dropout=1.5", r"model.head_dropout must be a number >= 0 and < 1, got 1.5"),
+        ("data.max_length=65", r"data.max_length=65 is more than the backbone's 64 positions"),
+        ("data.max_length=abc", r"data.max_length must be a whole number >= 2, got 'abc'"),
+        ("data.eval_batch_size=0", r"data.eval_batch_size must be a whole number >= 1, got 0"),
+        ("data.limit_train=-5", r"data.limit_train must be a whole number >= 1, got -5"),
+        ("seed=abc", r"seed must be a whole number >= 0, got 'abc'"),
+    ],
+)
+def test_bad_numbers_are_config_errors_naming_the_option(tiny_model_dir, data_dir, tmp_path, override, match):
+    with pytest.raises(ValueError, match=match):
+        run(tiny_model_dir, data_dir, tmp_path / "bad", override, "raise_errors=true")
+    assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before any training

@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from peft_lightning.checks import real, whole
 from peft_lightning.data.encoded import EncodedSplit, collate, encode_split, tokenizer_fingerprint
 from peft_lightning.data.readers import detect_layout, read_split
 from peft_lightning.data.schedules import Key, ScheduleSampler
@@ -21,13 +22,6 @@ log = logging.getLogger(__name__)
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("PEFT_CACHE_DIR", Path.home() / ".cache" / "peft_lightning"))
-
-
-def whole(name: str, value, minimum: int) -> int:
-    """`value` as an int of at least `minimum`, or a ValueError that names the option."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
-    return value
 
 
 class StepDataset(Dataset):
@@ -113,9 +107,15 @@ class MultiTaskDataModule(L.LightningDataModule):
         if missing:
             raise ValueError(f"data.batch_size has no entry for task(s) {missing}")
         self.batch_size = {n: whole(f"data.batch_size.{n}", batch_size[n], 1) for n in names}
-        self.eval_batch_size, self.max_length = eval_batch_size, max_length
-        self.pair_encoding, self.schedule, self.temperature = pair_encoding, schedule, temperature
-        self.limit_train, self.limit_eval, self.seed, self.num_workers = limit_train, limit_eval, seed, num_workers
+        self.eval_batch_size = whole("data.eval_batch_size", eval_batch_size, 1)
+        self.max_length = whole("data.max_length", max_length, 2)  # [CLS] and [SEP] at least
+        self.pair_encoding, self.schedule = pair_encoding, schedule
+        self.temperature = real("data.temperature", temperature, 0, low_open=True)
+        self.limit_train, self.limit_eval = (
+            None if n is None else whole(f"data.{name}", n, 1)
+            for name, n in (("limit_train", limit_train), ("limit_eval", limit_eval))
+        )
+        self.seed, self.num_workers = seed, whole("data.num_workers", num_workers, 0)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.on_bad_row = on_bad_row
         self.multiple = whole("data.pad_to_multiple_of", pad_to_multiple_of, 1)
