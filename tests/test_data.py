@@ -288,8 +288,8 @@ def test_group_by_length_keeps_a_short_last_batch_and_cycles():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        ({"group_by_length": -1}, "data.group_by_length must be 0 .off. or a whole number of batches, got -1"),
-        ({"group_by_length": 2.5}, "data.group_by_length must be 0 .off. or a whole number of batches, got 2.5"),
+        ({"group_by_length": -1}, "data.group_by_length must be a whole number >= 0, got -1"),
+        ({"group_by_length": 2.5}, "data.group_by_length must be a whole number >= 0, got 2.5"),
         ({"group_by_length": 4}, "data.group_by_length needs every task's row lengths"),
         ({"group_by_length": 4, "lengths": {"sst5": torch.ones(20)}}, "data.group_by_length needs every task's"),
     ],
@@ -323,6 +323,8 @@ def test_datamodule_groups_training_batches_by_length(data_dir, tiny_tokenizer, 
         ({"pad_to_multiple_of": "abc"}, r"data.pad_to_multiple_of must be a whole number >= 1, got 'abc'"),
         ({"group_by_length": -1}, r"data.group_by_length must be a whole number >= 0, got -1"),
         ({"group_by_length": "abc"}, r"data.group_by_length must be a whole number >= 0, got 'abc'"),
+        ({"temperature": 0, "schedule": "temperature"}, r"data.temperature must be a number > 0, got 0"),
+        ({"max_length": 1}, r"data.max_length must be a whole number >= 2, got 1"),
     ],
 )
 def test_datamodule_numbers_are_checked_up_front(data_dir, tiny_tokenizer, kwargs, match):

@@ -23,6 +23,8 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import Sampler
 
+from peft_lightning.checks import real, whole
+
 SCHEDULES = ("joint", "round_robin", "proportional", "temperature")
 
 Key = tuple[tuple[str, tuple[int, ...]], ...]  # ((task, rows), ...) for one step
@@ -98,15 +100,12 @@ class ScheduleSampler(Sampler[Key]):
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"data.schedule={schedule!r} is unknown; expected one of {list(SCHEDULES)}")
-        if group_by_length < 0 or int(group_by_length) != group_by_length:
-            raise ValueError(
-                f"data.group_by_length must be 0 (off) or a whole number of batches, got {group_by_length}"
-            )
+        group_by_length = whole("data.group_by_length", group_by_length, 0)
         if group_by_length and (lengths is None or any(len(lengths.get(t, ())) != n for t, n in sizes.items())):
             raise ValueError("data.group_by_length needs every task's row lengths")
-        self.lengths, self.group = lengths if group_by_length else None, int(group_by_length)
-        if schedule == "temperature" and not temperature > 0:
-            raise ValueError(f"data.temperature must be > 0, got {temperature}")
+        self.lengths, self.group = lengths if group_by_length else None, group_by_length
+        if schedule == "temperature":
+            real("data.temperature", temperature, 0, low_open=True)
         self.sizes, self.batch_sizes = dict(sizes), dict(batch_sizes)
         self.schedule, self.seed, self.epoch = schedule, seed, 0
         self.temperature = 1.0 if schedule == "proportional" else temperature
