@@ -100,4 +100,4 @@ def test_alternate_reports_host_time_and_total_time():
 
     ms = bench.alternate({"a": lambda: time.sleep(0.004), "b": lambda: None}, 3, bench.torch.device("cpu"))
     (a, a_host), (b, b_host) = ms["a"], ms["b"]
-    assert 4 <= a_host <= a < 50 and b_host <= b < 1
+    assert 4 <= a_host <= a and b_host <= b < a  # on CPU the host time is the step's time
