@@ -68,13 +68,15 @@ class BertSelfAttention(nn.Module):
 
         The three layers share their input, so [Wq; Wk; Wv] x is one (3h x h) product instead of
         three; with LoRA, [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
-        back to the three modules when they differ in kind (LoRA on some only) or use LoRA dropout.
+        back to the three modules when they differ in kind (LoRA on some only), use LoRA dropout or
+        rescale their input ((IA)^3 feed-forward targets); (IA)^3 output scales are one multiply.
         `cast_qkv`, when the adapter has set it for this pass, holds those two matrices already in
         the autocast dtype, or their place in LoRA's `Arena` (then [Wq; Wk; Wv; A] x is one GEMM).
         """
         mods = (self.query, self.key, self.value)
         loras = self.fused_loras()
-        if not self.fuse_qkv or (loras is None and any(hasattr(m, "lora_A") for m in mods)):
+        per_module = any(hasattr(m, "lora_A") or getattr(m, "feedforward", False) for m in mods)
+        if not self.fuse_qkv or (loras is None and per_module):
             return self.query(h), self.key(h), self.value(h)
         if loras and isinstance(self.cast_qkv, ArenaCast):
             return arena_linear(h, self.cast_qkv, loras[0].scale, keep_output=True).chunk(3, dim=-1)
@@ -89,6 +91,10 @@ class BertSelfAttention(nn.Module):
             out = low_rank_linear(h, weight, bias, a, b, loras[0].scale)
         else:
             out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
+            scales = [m.output_scale() if hasattr(m, "output_scale") else None for m in mods]
+            if any(s is not None for s in scales):  # (IA)^3 on some of q, k, v: one multiply for the three
+                ones = [out.new_ones(b.out_features) for b in bases]
+                out = out * torch.cat([o if s is None else s.to(out.dtype) for s, o in zip(scales, ones)])
         return out.chunk(3, dim=-1)
 
     def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -357,13 +357,20 @@ class MultiTaskModule(L.LightningModule):
         lr = self.optim["lr"]
         adapter_lr = self.optim["adapter_lr"] if self.optim["adapter_lr"] is not None else lr
         head_lr = self.optim["head_lr"] if self.optim["head_lr"] is not None else lr
+        # what the adapter's layers inside the encoder add (LoRA's A and B, (IA)^3's vectors), not their base
+        injected = {
+            id(p)
+            for m in getattr(self.adapter, "layers", [])
+            for n, p in m.named_parameters()
+            if not n.startswith("base.")
+        }
         encoder, adapter, heads = [], [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             if name.startswith("heads."):
                 heads.append((name, p))
-            elif name.startswith("adapter.") or ".lora_" in name:
+            elif name.startswith("adapter.") or id(p) in injected:
                 adapter.append((name, p))
             else:
                 encoder.append((name, p))

@@ -18,7 +18,7 @@ from pathlib import Path
 from peft_lightning.results import RESULTS
 
 PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
-BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head"]
+BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head", "peft_methods"]
 ORDER = PAPER_STUDIES + BEYOND
 TITLES = {
     "main": "Main comparison (dev)",
@@ -30,6 +30,7 @@ TITLES = {
     "lora_targets": "LoRA target modules (dev)",
     "multitask_vs_single": "Multi-task vs single-task training (dev)",
     "sts_head": "STS-B head: MLP vs cosine similarity (dev)",
+    "peft_methods": "PEFT methods: the study's four strategies and (IA)^3 (dev)",
 }
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
 WITH_TRAIN = {"epochs", "lora_rank"}

@@ -9,7 +9,7 @@ import torch
 from test_encoder import inputs, pair
 from transformers import BertConfig
 
-from peft_lightning.adapters import Frozen, Full, LoRA, LoRALinear, Prefix
+from peft_lightning.adapters import IA3, Frozen, Full, IA3Linear, LoRA, LoRALinear, Prefix
 from peft_lightning.encoder import BertEncoder
 
 peft = pytest.importorskip("peft")
@@ -233,7 +233,9 @@ def test_prefix_mlp_folds_to_the_same_prefixes():
     assert sum(p.numel() for p in adapter.parameters()) == 2 * 2 * 2 * 32 < n_before
 
 
-@pytest.mark.parametrize("make", [Frozen, Full, lambda: LoRA(rank=4, dropout=0.1), lambda: Prefix(2, mlp=True)])
+@pytest.mark.parametrize(
+    "make", [Frozen, Full, lambda: LoRA(rank=4, dropout=0.1), lambda: Prefix(2, mlp=True), IA3], ids=str
+)
 def test_frozen_parameters_are_bit_identical_after_steps(make):
     torch.manual_seed(0)
     _, ours = pair()
@@ -262,3 +264,85 @@ def test_frozen_parameters_are_bit_identical_after_steps(make):
         not torch.equal(a, p) for a, p in zip(trained_before, params) if p.grad is not None and p.grad.abs().sum() > 0
     ]
     assert moved and all(moved)
+
+
+def randomise_ia3(encoder: BertEncoder, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in encoder.modules():
+        if isinstance(m, IA3Linear):
+            m.ia3_l.data = 1 + 0.5 * torch.randn(m.ia3_l.shape, generator=g)
+
+
+@pytest.mark.parametrize(
+    "targets,feedforward",
+    [(["key", "value", "output.dense"], ["output.dense"]), (["query", "value", "intermediate.dense"], [])],
+)
+@pytest.mark.parametrize("fuse_qkv", [True, False])
+@torch.no_grad()
+def test_ia3_equals_peft(targets, feedforward, fuse_qkv):
+    hf, ours = pair()
+    adapter = IA3(targets=targets, feedforward=feedforward)
+    adapter.attach(ours)
+    for m in ours.modules():
+        if hasattr(m, "fuse_qkv"):
+            m.fuse_qkv = fuse_qkv
+    randomise_ia3(ours)
+    cfg = peft.IA3Config(target_modules=targets, feedforward_modules=feedforward)
+    pm = peft.get_peft_model(copy.deepcopy(hf), cfg).eval()
+    copied = 0
+    for name, m in ours.named_modules():
+        if isinstance(m, IA3Linear):
+            target = pm.base_model.model.get_submodule(name)
+            assert target.is_feedforward == m.feedforward, name
+            target.ia3_l["default"].data.copy_(m.ia3_l.data.view_as(target.ia3_l["default"]))
+            copied += 1
+    peft_layers = [n for n, m in pm.named_modules() if "default" in getattr(m, "ia3_l", {})]
+    assert copied == len(adapter.target_names) == len(peft_layers) == (8 if feedforward else 6)  # tiny: 2 layers
+    ids, mask, types = inputs()
+    ref = pm(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    h = ours(ids, mask, types)
+    real = mask.bool()
+    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
+    plain = pair()[1](ids, mask, types)
+    assert (plain[real] - h[real]).abs().max() > 1e-2  # the vectors really are in use
+
+
+@torch.no_grad()
+def test_ia3_starts_as_the_base_model_and_merges_exactly():
+    _, base = pair()
+    _, ours = pair()
+    adapter = IA3()
+    adapter.attach(ours)
+    ids, mask, types = inputs()
+    assert torch.equal(ours(ids, mask, types), base(ids, mask, types))  # every vector starts at one
+    randomise_ia3(ours)
+    frozen_before = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    unmerged = ours(ids, mask, types)
+    adapter.merge()
+    assert all(m.merged for m in adapter.layers)
+    assert torch.allclose(ours(ids, mask, types), unmerged, atol=1e-5)
+    adapter.unmerge()
+    for n, p in ours.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n  # bit-identical after merge + unmerge
+    assert torch.equal(ours(ids, mask, types), unmerged)
+
+
+def test_ia3_closed_form_counts_on_bert_base_shape():
+    enc = bert_base_encoder()
+    IA3().attach(enc)
+    # 12 layers: key and value outputs (768 each), the attention output's and FFN output's inputs (768, 3072)
+    assert trainable(enc) == 12 * (768 + 768 + 768 + 3072) == 64_512
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: IA3(targets=["qkv"]), r"adapter.targets=\['qkv'\] matched no linear layer"),
+        (lambda: IA3(targets=["key"], feedforward=["value"]), r"adapter.feedforward must be among the targets"),
+    ],
+)
+def test_ia3_option_errors(make, match):
+    _, ours = pair()
+    with pytest.raises(ValueError, match=match):
+        make().attach(ours)

@@ -25,7 +25,7 @@ def test_every_option_composes(group, option, tmp_path):
 
 
 def test_expected_options_exist():
-    assert {"frozen", "full", "lora", "prefix"} <= set(GROUPS["adapter"])
+    assert {"frozen", "full", "lora", "prefix", "ia3"} <= set(GROUPS["adapter"])
     assert {"paper", "quick", "smoke"} <= set(GROUPS["budget"])
     assert {
         "main",
@@ -37,6 +37,7 @@ def test_expected_options_exist():
         "lora_targets",
         "multitask_vs_single",
         "sts_head",
+        "peft_methods",
     } <= set(GROUPS["experiment"])
     assert {"gpus", "slurm", "local"} <= {p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml")}
 
@@ -58,6 +59,7 @@ def test_defaults_are_the_studys():
         ("prefix_length", {"adapter.length": "1,2,4,8"}),
         ("prefix_mlp", {"adapter.mlp": "true,false", "adapter.length": "2,4,8"}),
         ("epochs", {"adapter": "full,lora,prefix"}),
+        ("peft_methods", {"adapter": "frozen,full,lora,prefix,ia3"}),
     ],
 )
 def test_experiments_hold_their_sweeps(study, expected):

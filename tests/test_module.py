@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import compose, tiny_overrides
 
-from peft_lightning.adapters import LoRA, Prefix
+from peft_lightning.adapters import IA3, Full, LoRA, Prefix
 from peft_lightning.backbone import load_backbone
 from peft_lightning.data import MultiTaskDataModule
 from peft_lightning.heads import build_heads
@@ -18,7 +18,7 @@ from peft_lightning.module import MultiTaskModule
 from peft_lightning.tasks import get_tasks
 from peft_lightning.train import train
 
-ADAPTERS = ["frozen", "full", "lora", "prefix"]
+ADAPTERS = ["frozen", "full", "lora", "prefix", "ia3"]
 
 
 def test_head_shapes():
@@ -288,3 +288,25 @@ def test_bad_numbers_are_config_errors_naming_the_option(tiny_model_dir, data_di
     with pytest.raises(ValueError, match=match):
         run(tiny_model_dir, data_dir, tmp_path / "bad", override, "raise_errors=true")
     assert not (tmp_path / "bad" / "checkpoints").exists()  # refused before any training
+
+
+@pytest.mark.parametrize(
+    "make,adapter_names",
+    [
+        (lambda: LoRA(rank=2), {"lora_A", "lora_B"}),
+        (lambda: IA3(), {"ia3_l"}),
+        (lambda: Prefix(2, mlp=False), {"prefix"}),
+        (lambda: Full(), set()),
+    ],
+    ids=["lora", "ia3", "prefix", "full"],
+)
+def test_adapter_parameters_get_the_adapter_lr(tiny_model_dir, make, adapter_names):
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    module = MultiTaskModule(bb.encoder, make(), pooling="mean", lr=1e-5, adapter_lr=5e-4, head_lr=1e-3)
+    (encoder, lr), (adapter, adapter_lr), (heads, head_lr) = module.param_parts()
+    assert (lr, adapter_lr, head_lr) == (1e-5, 5e-4, 1e-3)
+    assert {n.rsplit(".", 1)[-1] for n, _ in adapter} == adapter_names
+    assert all(n.startswith("heads.") for n, _ in heads) and heads
+    assert bool(encoder) == isinstance(module.adapter, Full)  # encoder weights train only in full fine-tuning
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert {n for part in (encoder, adapter, heads) for n, _ in part} == trainable

@@ -14,7 +14,7 @@ from peft_lightning.encoder import BertEncoder, PrefixKV
 
 
 class Adapter(nn.Module):
-    """Base class of the four strategies.
+    """Base class of the strategies (frozen, full, LoRA, prefix, (IA)^3).
 
     Attributes:
         name: the strategy's key in `conf/adapter/`.
