@@ -79,16 +79,21 @@ def test_lora_starts_as_the_base_model_and_merges_exactly():
     ids, mask, types = inputs()
     assert torch.allclose(ours(ids, mask, types), base(ids, mask, types), atol=1e-6)  # B = 0 at init
     randomise_lora(ours)
+    assert_merges_exactly(adapter, ours)
+
+
+def assert_merges_exactly(adapter, ours) -> None:
+    """Merged equals unmerged to 1e-5 (fp32); unmerging gives back every frozen weight bit for bit."""
+    ids, mask, types = inputs()
     frozen_before = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
     unmerged = ours(ids, mask, types)
     adapter.merge()
-    merged = ours(ids, mask, types)
-    assert torch.allclose(merged, unmerged, atol=1e-5)
     assert all(m.merged for m in adapter.layers)
+    assert torch.allclose(ours(ids, mask, types), unmerged, atol=1e-5)
     adapter.unmerge()
     for n, p in ours.named_parameters():
         if not p.requires_grad:
-            assert torch.equal(p, frozen_before[n]), n  # bit-identical after merge + unmerge
+            assert torch.equal(p, frozen_before[n]), n
     assert torch.equal(ours(ids, mask, types), unmerged)
 
 
@@ -316,16 +321,7 @@ def test_ia3_starts_as_the_base_model_and_merges_exactly():
     ids, mask, types = inputs()
     assert torch.equal(ours(ids, mask, types), base(ids, mask, types))  # every vector starts at one
     randomise_ia3(ours)
-    frozen_before = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
-    unmerged = ours(ids, mask, types)
-    adapter.merge()
-    assert all(m.merged for m in adapter.layers)
-    assert torch.allclose(ours(ids, mask, types), unmerged, atol=1e-5)
-    adapter.unmerge()
-    for n, p in ours.named_parameters():
-        if not p.requires_grad:
-            assert torch.equal(p, frozen_before[n]), n  # bit-identical after merge + unmerge
-    assert torch.equal(ours(ids, mask, types), unmerged)
+    assert_merges_exactly(adapter, ours)
 
 
 def test_ia3_closed_form_counts_on_bert_base_shape():

@@ -51,3 +51,27 @@ class Adapter(nn.Module):
 def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
+
+
+class LayerAdapter(Adapter):
+    """An adapter made of wrappers around encoder layers (`layers`: LoRA's, (IA)^3's), each of which
+    can merge into its frozen layer and unmerge exactly."""
+
+    layers: list[nn.Module]
+
+    def wrap(self, encoder: BertEncoder, names: list[str], make) -> None:
+        """Replace each named linear layer of the encoder by `make(name, layer)`; keep them in `layers`."""
+        for name in names:
+            parent_name, _, child = name.rpartition(".")
+            parent = encoder.get_submodule(parent_name) if parent_name else encoder
+            wrapped = make(name, getattr(parent, child))
+            setattr(parent, child, wrapped)
+            self.layers.append(wrapped)
+
+    def merge(self) -> None:
+        for layer in self.layers:
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for layer in self.layers:
+            layer.unmerge()

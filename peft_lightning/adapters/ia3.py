@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import Adapter, freeze
+from peft_lightning.adapters.base import LayerAdapter, freeze
 from peft_lightning.adapters.lora import expand_targets, matches
 from peft_lightning.encoder import BertEncoder
 
@@ -88,7 +88,7 @@ class IA3Linear(nn.Module):
         return f"feedforward={self.feedforward}"
 
 
-class IA3(Adapter):
+class IA3(LayerAdapter):
     """(IA)^3 on the encoder's linear layers; everything else in the encoder is frozen.
 
     Args:
@@ -122,21 +122,8 @@ class IA3(Adapter):
         stray = [n for n, _ in linears if matches(n, ff) and n not in chosen]
         if stray:
             raise ValueError(f"adapter.feedforward must be among the targets; {stray[0]} is not a target")
-        for name in chosen:
-            parent_name, _, child = name.rpartition(".")
-            parent = encoder.get_submodule(parent_name)
-            wrapped = IA3Linear(getattr(parent, child), feedforward=matches(name, ff))
-            setattr(parent, child, wrapped)
-            self.layers.append(wrapped)
+        self.wrap(encoder, chosen, lambda name, layer: IA3Linear(layer, feedforward=matches(name, ff)))
         self.target_names = chosen
-
-    def merge(self) -> None:
-        for layer in self.layers:
-            layer.merge()
-
-    def unmerge(self) -> None:
-        for layer in self.layers:
-            layer.unmerge()
 
     def describe(self) -> dict:
         return {"name": self.name, "targets": self.target_names, "feedforward": self.feedforward}

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import Adapter, freeze
+from peft_lightning.adapters.base import LayerAdapter, freeze
 from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
 from peft_lightning.encoder import BertEncoder, BertSelfAttention
 from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, low_rank_linear
@@ -141,7 +141,7 @@ def matches(name: str, patterns: list[str]) -> bool:
     return False
 
 
-class LoRA(Adapter):
+class LoRA(LayerAdapter):
     """LoRA on the encoder's linear layers; everything else in the encoder is frozen.
 
     Args:
@@ -201,14 +201,14 @@ class LoRA(Adapter):
                 f"adapter.targets={self.targets} matched no linear layer of the encoder; "
                 f"linear layers are named like {linears[:7]}"
             )
-        for name in chosen:
-            parent_name, _, child = name.rpartition(".")
-            parent = encoder.get_submodule(parent_name) if parent_name else encoder
-            wrapped = LoRALinear(getattr(parent, child), self.rank, self.scale, self.dropout_p)
+
+        def make(name: str, layer: nn.Linear) -> LoRALinear:
+            wrapped = LoRALinear(layer, self.rank, self.scale, self.dropout_p)
             # outputs the next op saves anyway: q, k, v (attention) and the FFN pre-activation
             wrapped.output_kept = matches(name, ["query", "key", "value", "intermediate.dense"])
-            setattr(parent, child, wrapped)
-            self.layers.append(wrapped)
+            return wrapped
+
+        self.wrap(encoder, chosen, make)
         self.target_names = chosen
         self._watch = [(m, m._parameters, m.base._parameters) for m in self.layers]
         self._attentions = [m for m in encoder.modules() if isinstance(m, BertSelfAttention)]
@@ -306,14 +306,6 @@ class LoRA(Adapter):
             for g in (("stack", [tuple(m.lora_A.shape) for m in members]), ("diag", [tuple(m.lora_B.shape) for m in members]))
         ]  # fmt: skip
         return CastLayout(groups), dtype, tensors, slots, None, None
-
-    def merge(self) -> None:
-        for layer in self.layers:
-            layer.merge()
-
-    def unmerge(self) -> None:
-        for layer in self.layers:
-            layer.unmerge()
 
     def describe(self) -> dict:
         return {
