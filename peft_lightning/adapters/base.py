@@ -7,6 +7,7 @@ module's state; adapters that inject into the encoder (LoRA) own nothing themsel
 from __future__ import annotations
 
 import contextlib
+import re
 
 from torch import nn
 
@@ -48,6 +49,33 @@ class Adapter(nn.Module):
         return {"name": self.name}
 
 
+# target aliases, expanded before matching (see the LoRA module docstring)
+ALIASES = {
+    "all": [r"re:.*"],
+    "attention": ["query", "key", "value", "attention.output.dense"],
+    "ffn": ["intermediate.dense", r"re:encoder\.layer\.\d+\.output\.dense"],
+}
+
+
+def expand_targets(targets: list[str] | str) -> list[str]:
+    if isinstance(targets, str):
+        targets = [targets]
+    out: list[str] = []
+    for t in targets:
+        out += ALIASES.get(t, [t])
+    return out
+
+
+def matches(name: str, patterns: list[str]) -> bool:
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif name == p or name.endswith("." + p):
+            return True
+    return False
+
+
 def freeze(module: nn.Module) -> None:
     for p in module.parameters():
         p.requires_grad_(False)
@@ -58,6 +86,20 @@ class LayerAdapter(Adapter):
     can merge into its frozen layer and unmerge exactly."""
 
     layers: list[nn.Module]
+
+    @staticmethod
+    def select(encoder: BertEncoder, targets: list[str], pooler: bool) -> list[str]:
+        """Names of the encoder's linear layers that `targets` (patterns or aliases) match; the
+        pooler's only with `pooler`. None matching is a ValueError that lists the layers' names."""
+        patterns = expand_targets(targets)
+        linears = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+        chosen = [n for n in linears if matches(n, patterns) and (pooler or not n.startswith("pooler."))]
+        if not chosen:
+            raise ValueError(
+                f"adapter.targets={targets} matched no linear layer of the encoder; "
+                f"linear layers are named like {linears[:7]}"
+            )
+        return chosen
 
     def wrap(self, encoder: BertEncoder, names: list[str], make) -> None:
         """Replace each named linear layer of the encoder by `make(name, layer)`; keep them in `layers`."""

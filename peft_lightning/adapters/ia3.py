@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, freeze
-from peft_lightning.adapters.lora import expand_targets, matches
+from peft_lightning.adapters.base import LayerAdapter, expand_targets, freeze, matches
 from peft_lightning.encoder import BertEncoder
 
 
@@ -111,15 +110,10 @@ class IA3(LayerAdapter):
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
-        patterns, ff = expand_targets(self.targets), expand_targets(self.feedforward)
-        linears = [(n, m) for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
-        chosen = [n for n, _ in linears if matches(n, patterns) and not n.startswith("pooler.")]
-        if not chosen:
-            raise ValueError(
-                f"adapter.targets={self.targets} matched no linear layer of the encoder; "
-                f"linear layers are named like {[n for n, _ in linears][:7]}"
-            )
-        stray = [n for n, _ in linears if matches(n, ff) and n not in chosen]
+        chosen = self.select(encoder, self.targets, pooler=False)
+        ff = expand_targets(self.feedforward)
+        linears = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+        stray = [n for n in linears if matches(n, ff) and n not in chosen]
         if stray:
             raise ValueError(f"adapter.feedforward must be among the targets; {stray[0]} is not a target")
         self.wrap(encoder, chosen, lambda name, layer: IA3Linear(layer, feedforward=matches(name, ff)))

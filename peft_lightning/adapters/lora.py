@@ -20,23 +20,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, freeze
+from peft_lightning.adapters.base import LayerAdapter, freeze, matches
 from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
 from peft_lightning.encoder import BertEncoder, BertSelfAttention
 from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, low_rank_linear
 
 SCALINGS = ("fixed", "alpha_over_r", "rslora")
-ALIASES = {
-    "all": [r"re:.*"],
-    "attention": ["query", "key", "value", "attention.output.dense"],
-    "ffn": ["intermediate.dense", r"re:encoder\.layer\.\d+\.output\.dense"],
-}
 
 
 class LoRALinear(nn.Module):
@@ -122,25 +116,6 @@ def lora_scale(scaling: str, alpha: float, rank: int) -> float:
     raise ValueError(f"adapter.scaling={scaling!r} is unknown; expected one of {list(SCALINGS)}")
 
 
-def expand_targets(targets: list[str] | str) -> list[str]:
-    if isinstance(targets, str):
-        targets = [targets]
-    out: list[str] = []
-    for t in targets:
-        out += ALIASES.get(t, [t])
-    return out
-
-
-def matches(name: str, patterns: list[str]) -> bool:
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif name == p or name.endswith("." + p):
-            return True
-    return False
-
-
 class LoRA(LayerAdapter):
     """LoRA on the encoder's linear layers; everything else in the encoder is frozen.
 
@@ -188,19 +163,8 @@ class LoRA(LayerAdapter):
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
-        patterns = expand_targets(self.targets)
         pooler = encoder.pooler is not None if self.include_pooler == "auto" else bool(self.include_pooler)
-        chosen = [
-            name
-            for name, mod in encoder.named_modules()
-            if isinstance(mod, nn.Linear) and matches(name, patterns) and (pooler or not name.startswith("pooler."))
-        ]
-        if not chosen:
-            linears = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
-            raise ValueError(
-                f"adapter.targets={self.targets} matched no linear layer of the encoder; "
-                f"linear layers are named like {linears[:7]}"
-            )
+        chosen = self.select(encoder, self.targets, pooler)
 
         def make(name: str, layer: nn.Linear) -> LoRALinear:
             wrapped = LoRALinear(layer, self.rank, self.scale, self.dropout_p)
