@@ -112,7 +112,7 @@ class ArenaSite(NamedTuple):
 
     wa_t: torch.Tensor  # [W; A; 0]^T: (in, O + Rp)
     b_t: torch.Tensor  # B^T: (R, O)
-    wb: torch.Tensor  # [W | B]: (O, in + R)
+    wb: torch.Tensor  # [W | B | 0]: (O, in + Rp); the zero columns keep g [W | B] rows 16-byte aligned
     b: torch.Tensor  # B: (O, R)
     a: torch.Tensor  # A: (R, in)
     bias: torch.Tensor | None  # (O + Rp,)
@@ -124,7 +124,7 @@ class ArenaSite(NamedTuple):
     def of(cls, arena: Arena, i: int) -> ArenaSite:
         s, m = arena.sites[i], arena.matrix(i)
         o, r, n = s.out_features, s.rank, s.in_features
-        return cls(m[:, :n].t(), m[:o, n : n + r].t(), m[:o, : n + r], m[:o, n : n + r], m[o : o + r, :n],
+        return cls(m[:, :n].t(), m[:o, n : n + r].t(), m[:o], m[:o, n : n + r], m[o : o + r, :n],
                    arena.bias(i), o, r, n)  # fmt: skip
 
 
@@ -167,7 +167,10 @@ class _ArenaLinear(torch.autograd.Function):
         g = grad_y.reshape(-1, o)
         needs_x = ctx.needs_input_grad[0]
         if needs_x:
-            gx_ga = torch.mm(g, w)  # [g W | g B]: (N, in + R)
+            # [g W | g B | 0]: (N, in + Rp). The input gradient is a view of it, and its rows must
+            # start 16-byte aligned: cuDNN attention's backward reads the attention output's input
+            # gradient, and with rows of in + R a rank such as 4 gave 'misaligned address' on an H100.
+            gx_ga = torch.mm(g, w)
             g_a = gx_ga.narrow(1, n, r)
         else:  # the first layer's input needs no gradient: only g B
             g_a = torch.mm(g, w)

@@ -11,9 +11,11 @@
 #             tables (host and device time) to $OUT/profile/, kernels a step and GPU-busy ms in the rows
 #   graphs    peft-bench, encoder compiled with mode reduce-overhead (CUDA graphs), LoRA r=8 vs full
 #   compiled  peft-bench, encoder compiled (default mode), LoRA r=8 vs full
-#   train     a short MiniLM LoRA run (2000 rows a task, 2 epochs) without and with the fast path
+#   train     a short MiniLM LoRA run (2000 rows a task, 2 epochs): fp32 unfused reference, then the fast
+#             path (bf16-mixed, fused passes, the arena), eager
+#   train_compiled  the same run with the encoder compiled as well (budget=paper's path)
 # STAGES picks and orders them (default "pytest bench profile graphs compiled train"); CASES the bench cases.
-# Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast}.json (their results.json).
+# Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast,compiled}.json (their results.json).
 set -u
 OUT=${OUT:-gpu_check}
 DATA=${DATA:-data}
@@ -56,11 +58,18 @@ step() { # step <max seconds> <name> <command...>
             common="model=minilm data.dir=$DATA adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast"
             step 120 train-ref python3 -m peft_lightning.train study=gpu_ref $common trainer.precision=32-true model.fuse_passes=false
             step 150 train-fast python3 -m peft_lightning.train study=gpu_fast $common model.fuse_passes=true \
-                model.compile=true data.pad_to_multiple_of=16
+                data.pad_to_multiple_of=16
             for v in ref fast; do
                 f=$(find outputs/gpu_$v -name results.json 2>/dev/null | head -1)
                 [ -n "$f" ] && cp "$f" "$OUT/train-$v.json"
             done
+            ;;
+        train_compiled)
+            step 200 train-compiled python3 -m peft_lightning.train study=gpu_compiled model=minilm data.dir=$DATA \
+                adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast model.fuse_passes=true \
+                model.compile=true data.pad_to_multiple_of=16
+            f=$(find outputs/gpu_compiled -name results.json 2>/dev/null | head -1)
+            [ -n "$f" ] && cp "$f" "$OUT/train-compiled.json"
             ;;
         compiled) step 240 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base \
             --batch-sizes 32 8 --length 128 --cases lora_r8 --compile --out "$OUT/bench.jsonl" ;;

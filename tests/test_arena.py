@@ -54,11 +54,33 @@ def test_arena_linear_equals_the_lora_composition(outs, ranks, scale, bias, gelu
     )
     assert out.shape == want.shape and torch.allclose(out, want, atol=1e-5)
     assert torch.count_nonzero(matrix[sum(outs) :, in_f:]) == 0  # the corner stays zero
+    assert torch.count_nonzero(matrix[: sum(outs), in_f + R :]) == 0  # and the padding beside B
     up = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
     got = torch.autograd.grad((out * up).sum(), [x, *As, *Bs])
     exp = torch.autograd.grad((want * up).sum(), [x, *As, *Bs])
     for gg, ee in zip(got, exp):
         assert gg.shape == ee.shape and torch.allclose(gg, ee, atol=1e-4)
+
+
+@pytest.mark.parametrize("outs", [(64,), (64, 64, 64)], ids=["one_layer", "qkv"])
+@pytest.mark.parametrize("rank", range(1, 10))
+def test_the_arena_output_and_input_gradient_have_16_byte_aligned_rows(outs, rank):
+    # cuDNN attention reads q/k/v (outputs of the q/k/v site) and, in its backward, the attention
+    # output layer's input gradient: rows of in + R elements made 'misaligned address' on an H100 (r=4)
+    in_f, ranks = 64, [rank] * len(outs)
+    arena = Arena([(list(outs), in_f, ranks, True)], torch.bfloat16, torch.device("cpu"))
+    As = [torch.randn(rank, in_f, requires_grad=True) for _ in outs]
+    Bs = [torch.randn(o, rank, requires_grad=True) for o in outs]
+    a, b = cast_packed(arena.layout, torch.bfloat16, [*As, *Bs], into=arena)
+    x = torch.randn(4, 16, in_f, dtype=torch.bfloat16, requires_grad=True)
+    strides = []
+    x.register_hook(lambda g: strides.append(g.stride()))
+    out = arena_linear(x, ArenaCast(a, b, ArenaSite.of(arena, 0)), 1.0, keep_output=True)
+    out.sum().backward()
+    elements = 16 // torch.finfo(torch.bfloat16).bits * 8  # bf16 elements in 16 bytes
+    assert out.stride(-2) % elements == 0 and out.stride(-1) == 1
+    assert strides[0][-2] % elements == 0 and strides[0][-1] == 1
+    assert x.grad.shape == x.shape
 
 
 def test_arena_linear_keeps_the_products_storage_only_when_the_output_is_kept():

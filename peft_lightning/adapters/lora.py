@@ -282,10 +282,14 @@ class LoRA(LayerAdapter):
 
 
 def fits_arena(m: LoRALinear, dtype: torch.dtype) -> bool:
-    """Whether the layer's frozen weight and bias are in `dtype` already and its branch has no dropout."""
+    """Whether the layer's frozen weight and bias are in `dtype` already, its branch has no dropout, and
+    its widths are multiples of 8 (the arena's views, and the gradients made from them, then have
+    16-byte-aligned rows, which cuDNN attention needs of its inputs)."""
     base = m.base
     return (
         isinstance(m.dropout, nn.Identity)
+        and base.in_features % 8 == 0
+        and base.out_features % 8 == 0
         and base.weight.dtype == dtype
         and not base.weight.requires_grad
         and (base.bias is None or (base.bias.dtype == dtype and not base.bias.requires_grad))
