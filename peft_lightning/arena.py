@@ -9,6 +9,7 @@ x A^T and g B. Here each layer's frozen W lives in one matrix with A below it an
     [ A  0  0 ]     the matrix: (O + Rp, in + Rp), in the compute dtype
 
 so x [W; A]^T gives y and x A^T in one GEMM, and g [W | B] gives g W and g B in one: 6 GEMMs.
+(7 for the FFN's two layers, whose output or input gradient goes to GELU: see `_ArenaLinear`.)
 A site is one LoRA layer, or several sharing an input (q, k, v: W stacked, A stacked, B
 block-diagonal). All sites live in one flat buffer; the frozen layers' weights and biases become
 views of it (no second copy), and each pass writes every A and B into it in three kernels
@@ -144,19 +145,33 @@ class _ArenaLinear(torch.autograd.Function):
     gradients. Saves x and the (N, R) product z = act(x) A^T, as `_LowRankLinear` does. z comes
     out of the same GEMM as y and shares its storage: when the caller keeps y for its own backward
     anyway (`keep_output`), z is saved as that view, else it is copied out so that y's storage can go.
+
+    The price of the shared GEMMs is strided outputs: y is a view with rows of O + Rp, and so is the
+    input gradient (in + Rp). Elementwise kernels on such views are not vectorised: on an H100 at
+    B=32 a GELU took 2.1x, its backward 1.5x and dropout 2.1x their time on contiguous tensors
+    (multirun/reports/bench/h100-run3-profile). So the two places where GELU meets them take one
+    GEMM more each: `contiguous_output` (the FFN's first layer, whose output goes to GELU) computes
+    y apart from z, and with `gelu` (the FFN's second layer) the input gradient, which goes to GELU's
+    backward, is computed apart from g B.
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, site: ArenaSite, scale: float, gelu: bool, keep_output: bool):
+    def forward(ctx, x, a, b, site: ArenaSite, scale: float, gelu: bool, keep_output: bool, contiguous_output: bool):
         o, r, n = site.out_features, site.rank, site.in_features
         x2 = x.reshape(-1, n)
         h = F.gelu(x2) if gelu else x2
-        yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)  # (N, O + Rp)
-        y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
+        if contiguous_output:  # y = h W^T + b and z = h A^T apart: y comes out contiguous
+            w_t, a_t = site.wa_t.narrow(1, 0, o), site.wa_t.narrow(1, o, r)
+            y = torch.addmm(site.bias.narrow(0, 0, o), h, w_t) if site.bias is not None else torch.mm(h, w_t)
+            z = torch.mm(h, a_t)  # its own storage: saved as it is
+        else:
+            yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)  # (N, O + Rp)
+            y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
+            z = z if keep_output else z.clone()
         y.addmm_(z, site.b_t, alpha=scale)  # + s z B^T, in place: no extra pass over y
         if any(ctx.needs_input_grad):  # not when evaluating
             needs_x = ctx.needs_input_grad[0]
-            ctx.save_for_backward(x2, z if keep_output else z.clone(), site.wb if needs_x else site.b, site.a)
+            ctx.save_for_backward(x2, z, site.wb if needs_x else site.b, site.a)
             ctx.scale, ctx.gelu, ctx.dims, ctx.x_shape = scale, gelu, (o, r, n), x.shape
         return y.view(*x.shape[:-1], o)
 
@@ -166,12 +181,14 @@ class _ArenaLinear(torch.autograd.Function):
         o, r, n = ctx.dims
         g = grad_y.reshape(-1, o)
         needs_x = ctx.needs_input_grad[0]
-        if needs_x:
+        if needs_x and ctx.gelu:  # g W and g B apart: GELU's backward gets a contiguous gradient
+            gx, g_a = torch.mm(g, w.narrow(1, 0, n)), torch.mm(g, w.narrow(1, n, r))
+        elif needs_x:
             # [g W | g B | 0]: (N, in + Rp). The input gradient is a view of it, and its rows must
             # start 16-byte aligned: cuDNN attention's backward reads the attention output's input
             # gradient, and with rows of in + R a rank such as 4 gave 'misaligned address' on an H100.
             gx_ga = torch.mm(g, w)
-            g_a = gx_ga.narrow(1, n, r)
+            gx, g_a = gx_ga.narrow(1, 0, n), gx_ga.narrow(1, n, r)
         else:  # the first layer's input needs no gradient: only g B
             g_a = torch.mm(g, w)
         grad_b = torch.mm(g.t(), z)  # (O, R)
@@ -181,14 +198,21 @@ class _ArenaLinear(torch.autograd.Function):
         grad_a = torch.mm(g_a.t(), F.gelu(x2) if ctx.gelu else x2)  # (R, in)
         grad_x = None
         if needs_x:
-            grad_x = gx_ga.narrow(1, 0, n).addmm_(g_a, a)  # g W + s g B A
+            grad_x = gx.addmm_(g_a, a)  # g W + s g B A
             if ctx.gelu:
                 grad_x = torch.ops.aten.gelu_backward(grad_x, x2)
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_a, grad_b, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None
 
 
-def arena_linear(x: torch.Tensor, cast: ArenaCast, scale: float, gelu: bool = False, keep_output: bool = False):
+def arena_linear(
+    x: torch.Tensor,
+    cast: ArenaCast,
+    scale: float,
+    gelu: bool = False,
+    keep_output: bool = False,
+    contiguous_output: bool = False,
+):
     """A LoRA layer (or q/k/v together) on its arena site: `act(x) W^T + b + scale * act(x) A^T B^T`.
 
     Args:
@@ -197,11 +221,12 @@ def arena_linear(x: torch.Tensor, cast: ArenaCast, scale: float, gelu: bool = Fa
         scale: the LoRA scale.
         gelu: apply GELU to `x` first (recomputed in backward, not kept).
         keep_output: the caller keeps the output for its backward (then the saved product is a view).
+        contiguous_output: one GEMM more for a contiguous output (for an output that goes to GELU).
 
     Returns:
-        (..., O), a view with row stride O + Rp.
+        (..., O): a view with row stride O + Rp, or contiguous with `contiguous_output`.
     """
     dtype = cast.site.wa_t.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return _ArenaLinear.apply(x, cast.a, cast.b, cast.site, scale, gelu, keep_output)
+    return _ArenaLinear.apply(x, cast.a, cast.b, cast.site, scale, gelu, keep_output, contiguous_output)

@@ -25,13 +25,13 @@ def site_operands(outs, in_f, ranks, seed=0, bias=True):
 
 
 @pytest.mark.parametrize("gelu", [False, True])
-@pytest.mark.parametrize("keep_output", [False, True])
+@pytest.mark.parametrize("keep_output,contiguous_output", [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize(
     "outs,ranks,scale,bias",
     [((7,), (3,), 1.0, True), ((6, 6, 6), (3, 3, 3), 0.5, True), ((5,), (8,), 2.0, False)],
     ids=["one_layer", "qkv_padded", "no_bias"],
 )
-def test_arena_linear_equals_the_lora_composition(outs, ranks, scale, bias, gelu, keep_output):
+def test_arena_linear_equals_the_lora_composition(outs, ranks, scale, bias, gelu, keep_output, contiguous_output):
     in_f = 12
     ws, bs, As, Bs = site_operands(outs, in_f, ranks, bias=bias)
     arena = Arena([(list(outs), in_f, list(ranks), bias)], torch.float32, torch.device("cpu"))
@@ -45,7 +45,8 @@ def test_arena_linear_equals_the_lora_composition(outs, ranks, scale, bias, gelu
     assert matrix.shape == (sum(outs) + -(-R // 8) * 8, in_f + -(-R // 8) * 8)  # room rounded up to 8
     a, b = cast_packed(arena.layout, torch.float32, [*As, *Bs], into=arena)
     x = torch.randn(2, 5, in_f, generator=torch.Generator().manual_seed(1), requires_grad=True)
-    out = arena_linear(x, ArenaCast(a, b, ArenaSite.of(arena, 0)), scale, gelu, keep_output)
+    out = arena_linear(x, ArenaCast(a, b, ArenaSite.of(arena, 0)), scale, gelu, keep_output, contiguous_output)
+    assert out.is_contiguous() == contiguous_output  # else a view with rows of O + Rp
 
     h = F.gelu(x) if gelu else x
     want = torch.cat(
@@ -56,7 +57,10 @@ def test_arena_linear_equals_the_lora_composition(outs, ranks, scale, bias, gelu
     assert torch.count_nonzero(matrix[sum(outs) :, in_f:]) == 0  # the corner stays zero
     assert torch.count_nonzero(matrix[: sum(outs), in_f + R :]) == 0  # and the padding beside B
     up = torch.randn(want.shape, generator=torch.Generator().manual_seed(2))
+    seen = []
+    x.register_hook(seen.append)
     got = torch.autograd.grad((out * up).sum(), [x, *As, *Bs])
+    assert seen[0].is_contiguous() == gelu  # GELU backward's output; else a view of [g W | g B | 0]
     exp = torch.autograd.grad((want * up).sum(), [x, *As, *Bs])
     for gg, ee in zip(got, exp):
         assert gg.shape == ee.shape and torch.allclose(gg, ee, atol=1e-4)
@@ -136,7 +140,7 @@ def twins_and_batch(tiny_model_dir, data_dir, tmp_path):
     return module, plain, next(iter(dm.train_dataloader()))
 
 
-def test_a_lora_step_in_the_arena_is_the_same_step_with_two_gemms_fewer_a_layer(tiny_model_dir, data_dir, tmp_path):
+def test_a_lora_step_in_the_arena_is_the_same_step_with_six_gemms_fewer_a_layer(tiny_model_dir, data_dir, tmp_path):
     arena_module, plain_module, batch = twins_and_batch(tiny_model_dir, data_dir, tmp_path)
     loss, grads, ops = bf16_step(arena_module, batch)
     loss_ref, grads_ref, ops_ref = bf16_step(plain_module, batch)
@@ -145,12 +149,13 @@ def test_a_lora_step_in_the_arena_is_the_same_step_with_two_gemms_fewer_a_layer(
     assert grads.keys() == grads_ref.keys()
     for name in grads:  # bf16 GEMMs over other blockings: rounding only
         assert (grads[name] - grads_ref[name]).norm() <= 2e-2 * grads_ref[name].norm() + 1e-6, name
-    # sites: fused q/k/v, attention output, intermediate, FFN output; two GEMMs fewer each, except
-    # one fewer for the first q/k/v, whose input (the embeddings) needs no gradient: g B alone
-    sites = 4 * arena_module.encoder.num_layers
-    assert sum(ops_ref.get(k, 0) for k in GEMMS) - sum(ops.get(k, 0) for k in GEMMS) == 2 * sites - 1
+    # sites: fused q/k/v and attention output, two GEMMs fewer each (one fewer for the first q/k/v,
+    # whose input, the embeddings, needs no gradient: g B alone); the FFN's two layers one fewer
+    # each (the intermediate's output and the FFN output's input gradient go to GELU: kept contiguous)
+    layers = arena_module.encoder.num_layers
+    assert sum(ops_ref.get(k, 0) for k in GEMMS) - sum(ops.get(k, 0) for k in GEMMS) == 6 * layers - 1
     # the two output layers' products are copied out of their outputs' storage
-    assert ops.get("clone", 0) - ops_ref.get("clone", 0) == 2 * arena_module.encoder.num_layers
+    assert ops.get("clone", 0) - ops_ref.get("clone", 0) == 2 * layers
 
     # every frozen weight of a LoRA layer is a view of the arena: no second copy, no stacked q/k/v
     arena = arena_module.adapter._plan[1][4]

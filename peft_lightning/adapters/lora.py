@@ -61,6 +61,7 @@ class LoRALinear(nn.Module):
         # set by LoRA for one pass: (A, B) in the autocast dtype, or the layer's place in an Arena
         self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
         self.output_kept = False  # the consumer saves this layer's output for its backward (see arena_linear)
+        self.output_to_gelu = False  # the output goes to GELU: the arena makes it contiguous (see arena_linear)
 
     @property
     def merged(self) -> bool:
@@ -70,7 +71,7 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if isinstance(self.cast, ArenaCast):
-            return arena_linear(x, self.cast, self.scale, gelu, self.output_kept)
+            return arena_linear(x, self.cast, self.scale, gelu, self.output_kept, self.output_to_gelu)
         a, b = self.cast if self.cast is not None else (self.lora_A, self.lora_B)
         if not self.merged and isinstance(self.dropout, nn.Identity):
             return low_rank_linear(x, self.base.weight, self.base.bias, a, b, self.scale, gelu)
@@ -170,6 +171,7 @@ class LoRA(LayerAdapter):
             wrapped = LoRALinear(layer, self.rank, self.scale, self.dropout_p)
             # outputs the next op saves anyway: q, k, v (attention) and the FFN pre-activation
             wrapped.output_kept = matches(name, ["query", "key", "value", "intermediate.dense"])
+            wrapped.output_to_gelu = matches(name, ["intermediate.dense"])
             return wrapped
 
         self.wrap(encoder, chosen, make)
