@@ -165,7 +165,8 @@ class _ArenaLinear(torch.autograd.Function):
             y = torch.addmm(site.bias.narrow(0, 0, o), h, w_t) if site.bias is not None else torch.mm(h, w_t)
             z = torch.mm(h, a_t)  # its own storage: saved as it is
         else:
-            yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)  # (N, O + Rp)
+            # (N, O + Rp)
+            yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)
             y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
             z = z if keep_output else z.clone()
         y.addmm_(z, site.b_t, alpha=scale)  # + s z B^T, in place: no extra pass over y

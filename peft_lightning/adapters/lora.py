@@ -128,7 +128,7 @@ class LoRA(LayerAdapter):
         dropout: dropout on the LoRA branch input.
         include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
         arena: with bf16-mixed, keep A and B beside the frozen weights (`compute_dtype_weights`);
-            false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6.
+            false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6 (or 7).
     """
 
     name = "lora"
@@ -188,7 +188,7 @@ class LoRA(LayerAdapter):
         kernels a step, which is what made a LoRA step slower than a full one on a launch-bound GPU.
         When the frozen weights are in the compute dtype already (`store_frozen_in`: bf16-mixed
         training, the GPU fast path), A and B are written into an `Arena` beside them, and each
-        layer takes 6 GEMMs instead of 8. Otherwise `cast_packed` makes new tensors: q/k/v groups
+        layer takes 6 GEMMs instead of 8 (7 for the FFN's two: see `arena._ArenaLinear`). Otherwise `cast_packed` makes new tensors: q/k/v groups
         get their stacked A and block-diagonal B directly. Eager mode only: under torch.compile,
         Inductor handles the casts.
         """
