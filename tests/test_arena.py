@@ -81,7 +81,7 @@ def test_the_arena_output_and_input_gradient_have_16_byte_aligned_rows(outs, ran
     x.register_hook(lambda g: strides.append(g.stride()))
     out = arena_linear(x, ArenaCast(a, b, ArenaSite.of(arena, 0)), 1.0, keep_output=True)
     out.sum().backward()
-    elements = 16 // torch.finfo(torch.bfloat16).bits * 8  # bf16 elements in 16 bytes
+    elements = 16 * 8 // torch.finfo(torch.bfloat16).bits  # bf16 elements in 16 bytes: 8
     assert out.stride(-2) % elements == 0 and out.stride(-1) == 1
     assert strides[0][-2] % elements == 0 and strides[0][-1] == 1
     assert x.grad.shape == x.shape

@@ -188,9 +188,9 @@ class LoRA(LayerAdapter):
         kernels a step, which is what made a LoRA step slower than a full one on a launch-bound GPU.
         When the frozen weights are in the compute dtype already (`store_frozen_in`: bf16-mixed
         training, the GPU fast path), A and B are written into an `Arena` beside them, and each
-        layer takes 6 GEMMs instead of 8 (7 for the FFN's two: see `arena._ArenaLinear`). Otherwise `cast_packed` makes new tensors: q/k/v groups
-        get their stacked A and block-diagonal B directly. Eager mode only: under torch.compile,
-        Inductor handles the casts.
+        layer takes 6 GEMMs instead of 8 (7 for the FFN's two: see `arena._ArenaLinear`).
+        Otherwise `cast_packed` makes new tensors: q/k/v groups get their stacked A and
+        block-diagonal B directly. Eager mode only: under torch.compile, Inductor handles the casts.
         """
         plan = self._cast_plan()
         if plan is None:
