@@ -94,12 +94,14 @@ def count_ops(step) -> tuple[int, int]:
     return sum(counter.counts.values()), sum(counter.counts.get(name, 0) for name in GEMMS)
 
 
-def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0) -> dict:
+def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0, cls_id: int = 101) -> dict:
+    """A random multi-task step of B rows a pass and L tokens a row (bert-base's [CLS] by default;
+    token ids from 1000 up, or from the vocabulary's middle for a small one)."""
     g = torch.Generator().manual_seed(seed)
 
     def enc() -> dict:
-        ids = torch.randint(1000, vocab, (B, L), generator=g)
-        ids[:, 0] = 101
+        ids = torch.randint(min(1000, vocab // 2), vocab, (B, L), generator=g)
+        ids[:, 0] = cls_id
         return {
             "input_ids": ids.to(device),
             "attention_mask": torch.ones(B, L, dtype=torch.long, device=device),

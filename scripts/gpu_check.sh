@@ -40,6 +40,15 @@ step() { # step <max seconds> <name> <command...>
     timeout -k 5 "$t" "$@"
     echo "== $name: exit $? after $(($(date +%s) - start)) s"
 }
+train_run() { # train_run <max seconds> <variant> <overrides...>: a short MiniLM LoRA run, its results.json to $OUT
+    local max=$1 v=$2
+    shift 2
+    step "$max" "train-$v" python3 -m peft_lightning.train study="gpu_$v" model=minilm data.dir="$DATA" adapter=lora \
+        data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast "$@"
+    local f
+    f=$(find "outputs/gpu_$v" -name results.json 2>/dev/null | head -1)
+    [ -n "$f" ] && cp "$f" "$OUT/train-$v.json"
+}
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
@@ -55,22 +64,10 @@ step() { # step <max seconds> <name> <command...>
             --batch-sizes 32 8 --length 128 --cases lora_r8 --compile --compile-mode reduce-overhead \
             --out "$OUT/bench.jsonl" ;;
         train)
-            common="model=minilm data.dir=$DATA adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast"
-            step 120 train-ref python3 -m peft_lightning.train study=gpu_ref $common trainer.precision=32-true model.fuse_passes=false
-            step 150 train-fast python3 -m peft_lightning.train study=gpu_fast $common model.fuse_passes=true \
-                data.pad_to_multiple_of=16
-            for v in ref fast; do
-                f=$(find outputs/gpu_$v -name results.json 2>/dev/null | head -1)
-                [ -n "$f" ] && cp "$f" "$OUT/train-$v.json"
-            done
+            train_run 120 ref trainer.precision=32-true model.fuse_passes=false
+            train_run 150 fast model.fuse_passes=true data.pad_to_multiple_of=16
             ;;
-        train_compiled)
-            step 200 train-compiled python3 -m peft_lightning.train study=gpu_compiled model=minilm data.dir=$DATA \
-                adapter=lora data.limit_train=2000 trainer.max_epochs=2 trainer=gpu_fast model.fuse_passes=true \
-                model.compile=true data.pad_to_multiple_of=16
-            f=$(find outputs/gpu_compiled -name results.json 2>/dev/null | head -1)
-            [ -n "$f" ] && cp "$f" "$OUT/train-compiled.json"
-            ;;
+        train_compiled) train_run 200 compiled model.fuse_passes=true model.compile=true data.pad_to_multiple_of=16 ;;
         compiled) step 240 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base \
             --batch-sizes 32 8 --length 128 --cases lora_r8 --compile --out "$OUT/bench.jsonl" ;;
         esac

@@ -70,21 +70,7 @@ def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir):
     bucket compiles again, and evaluation adds one graph (no grad, no dropout) for all its shapes."""
     from torch._dynamo.utils import counters
 
-    from peft_lightning.bench import ours_step
-
-    def make_batches(B: int, L: int, vocab: int, device, seed: int = 0) -> dict:
-        g = torch.Generator().manual_seed(seed)
-
-        def enc() -> dict:
-            ids = torch.randint(5, vocab, (B, L), generator=g)
-            return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-
-        labels = {"sst5": torch.randint(0, 5, (B,), generator=g), "qqp": torch.randint(0, 2, (B,), generator=g)}
-        return {
-            "sst5": {"inputs": [enc()], "labels": labels["sst5"]},
-            "qqp": {"inputs": [enc(), enc()], "labels": labels["qqp"]},
-            "stsb": {"inputs": [enc(), enc()], "labels": torch.rand(B, generator=g) * 5},
-        }
+    from peft_lightning.bench import make_batches, ours_step
 
     torch._dynamo.reset()
     counters.clear()
@@ -94,16 +80,16 @@ def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir):
     module.configure_model()
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
-    vocab = bb.encoder.config.vocab_size
+    vocab, cls = bb.encoder.config.vocab_size, bb.tokenizer.cls_token_id
     compiled = []
     for i, (B, L) in enumerate([(4, 16), (4, 32), (4, 48), (3, 32), (4, 64), (2, 16), (4, 48), (4, 16)]):
-        ours_step(module, opt, make_batches(B, L, vocab, module.device, seed=i), amp=False)
+        ours_step(module, opt, make_batches(B, L, vocab, module.device, seed=i, cls_id=cls), amp=False)
         compiled.append(counters["stats"]["unique_graphs"])
     assert compiled == [1, 2, 2, 3, 3, 3, 3, 3]
     module.eval()
     with torch.no_grad():
         for B, L in [(4, 16), (4, 64), (1, 32)]:
-            module(make_batches(B, L, vocab, module.device))
+            module(make_batches(B, L, vocab, module.device, cls_id=cls))
     assert counters["stats"]["unique_graphs"] == 4
     torch._dynamo.reset()
 
