@@ -59,7 +59,11 @@ STUDY_CASES = {  # the default cases
     "prefix_p4_mlp": (Prefix, {"length": 4, "mlp": True}),
     "prefix_p4": (Prefix, {"length": 4, "mlp": False}),
 }
-CASES = {**STUDY_CASES, "lora_r8_no_arena": (LoRA, {"rank": 8, "arena": False})}  # the arena's effect (bf16 only)
+CASES = {
+    **STUDY_CASES,
+    "lora_r8_no_arena": (LoRA, {"rank": 8, "arena": False}),  # the arena's effect (bf16, eager)
+    "lora_r8_concat": (LoRA, {"rank": 8, "concat": True}),  # the concatenated form's effect (--compile)
+}
 
 
 class OpCounter(TorchDispatchMode):

@@ -88,7 +88,7 @@ class BertSelfAttention(nn.Module):
             else:
                 a = torch.cat([m.lora_A for m in loras])  # (3r, hidden)
                 b = torch.block_diag(*[m.lora_B for m in loras])  # (3 hidden, 3r)
-            out = low_rank_linear(h, weight, bias, a, b, loras[0].scale)
+            out = low_rank_linear(h, weight, bias, a, b, loras[0].scale, concat=loras[0].concat)
         else:
             out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
             scales = [m.output_scale() if hasattr(m, "output_scale") else None for m in mods]

@@ -9,12 +9,14 @@
 #             step interleaved: ratio_vs_our_full)
 #   profile   peft-bench --profile, eager, B=32, LoRA r=8 with and without the arena, each vs full: op
 #             tables (host and device time) to $OUT/profile/, kernels a step and GPU-busy ms in the rows
-#   graphs    peft-bench, encoder compiled with mode reduce-overhead (CUDA graphs), LoRA r=8 vs full
-#   compiled  peft-bench, encoder compiled (default mode), LoRA r=8 vs full
+#   graphs    peft-bench, encoder compiled with mode reduce-overhead (CUDA graphs), the COMPILED_CASES vs full
+#   compiled  peft-bench, encoder compiled (default mode), the COMPILED_CASES vs full
 #   train     a short MiniLM LoRA run (2000 rows a task, 2 epochs): fp32 unfused reference, then the fast
 #             path (bf16-mixed, fused passes, the arena), eager
 #   train_compiled  the same run with the encoder compiled as well (budget=paper's path)
-# STAGES picks and orders them (default "pytest bench profile graphs compiled train"); CASES the bench cases.
+# STAGES picks and orders them (default "pytest bench profile graphs compiled train"); CASES the eager bench
+# cases, COMPILED_CASES the compiled ones (default "lora_r8 lora_r8_concat": LoRA's plain and concatenated
+# forms under compile), COMPILED_BATCH their batch sizes (default "32 8").
 # Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast,compiled}.json (their results.json).
 set -u
 OUT=${OUT:-gpu_check}
@@ -22,6 +24,8 @@ DATA=${DATA:-data}
 BUDGET=${1:-420}
 STAGES=${STAGES:-pytest bench profile graphs compiled train}
 CASES=${CASES:-full lora_r8 lora_r8_no_arena frozen prefix_p4_mlp lora_r64 prefix_p4}
+COMPILED_CASES=${COMPILED_CASES:-lora_r8 lora_r8_concat}
+COMPILED_BATCH=${COMPILED_BATCH:-32 8}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
@@ -60,16 +64,16 @@ train_run() { # train_run <max seconds> <variant> <overrides...>: a short MiniLM
         profile) step 120 bench-profile python3 -m peft_lightning.bench --device cuda --model bert_base \
             --batch-sizes 32 --length 128 --cases lora_r8 lora_r8_no_arena --steps 5 --warmup 2 \
             --profile "$OUT/profile" --out "$OUT/bench.jsonl" ;;
-        graphs) step 240 bench-graphs python3 -m peft_lightning.bench --device cuda --model bert_base \
-            --batch-sizes 32 8 --length 128 --cases lora_r8 --compile --compile-mode reduce-overhead \
-            --out "$OUT/bench.jsonl" ;;
+        graphs) step 360 bench-graphs python3 -m peft_lightning.bench --device cuda --model bert_base \
+            --batch-sizes $COMPILED_BATCH --length 128 --cases $COMPILED_CASES --compile \
+            --compile-mode reduce-overhead --out "$OUT/bench.jsonl" ;;
         train)
             train_run 120 ref trainer.precision=32-true model.fuse_passes=false
             train_run 150 fast model.fuse_passes=true data.pad_to_multiple_of=16
             ;;
         train_compiled) train_run 200 compiled model.fuse_passes=true model.compile=true data.pad_to_multiple_of=16 ;;
-        compiled) step 240 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base \
-            --batch-sizes 32 8 --length 128 --cases lora_r8 --compile --out "$OUT/bench.jsonl" ;;
+        compiled) step 360 bench-compiled python3 -m peft_lightning.bench --device cuda --model bert_base \
+            --batch-sizes $COMPILED_BATCH --length 128 --cases $COMPILED_CASES --compile --out "$OUT/bench.jsonl" ;;
         esac
     done
     echo "== done after $(($(date +%s) - start)) s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import pytest
 import torch
@@ -56,11 +57,44 @@ def test_fast_path_gives_the_same_losses(tiny_model_dir, data_dir, tmp_path, mak
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", [True, "reduce-overhead"])  # on CPU, reduce-overhead compiles without CUDA graphs
-def test_compiled_encoder_gives_the_same_losses(tiny_model_dir, data_dir, tmp_path, mode):
+@pytest.mark.parametrize(
+    "mode, concat",
+    [(True, False), ("reduce-overhead", False), (True, True)],
+    ids=["default", "reduce-overhead", "concat"],
+)  # on CPU, reduce-overhead compiles without CUDA graphs; concat: LoRA's concatenated form under compile
+def test_compiled_encoder_gives_the_same_losses(tiny_model_dir, data_dir, tmp_path, mode, concat):
     eager = losses(tiny_model_dir, data_dir, tmp_path, lambda: LoRA(rank=4), fast=True)
-    compiled = losses(tiny_model_dir, data_dir, tmp_path, lambda: LoRA(rank=4), fast=True, compile=mode)
+    compiled = losses(tiny_model_dir, data_dir, tmp_path, lambda: LoRA(rank=4, concat=concat), fast=True, compile=mode)
     assert eager == pytest.approx(compiled, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("concat", [False, True], ids=["plain", "concat"])
+def test_compiled_lora_gives_the_eager_gradients(tiny_model_dir, concat):
+    """One backward, with every B non-zero (at init B = 0 hides most of the branch's gradient):
+    the compiled encoder's gradients of every trainable parameter equal eager's."""
+    from peft_lightning.bench import make_batches
+
+    torch.manual_seed(0)
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    eager = MultiTaskModule(bb.encoder, LoRA(rank=4, concat=concat), pooling="mean", fuse_passes=True)
+    with torch.no_grad():
+        for name, p in eager.named_parameters():
+            if name.endswith("lora_B"):
+                p.normal_(0, 0.1)
+    compiled = copy.deepcopy(eager)
+    compiled.compile_encoder = True
+    compiled.configure_model()
+    batch = make_batches(3, 16, bb.encoder.config.vocab_size, eager.device, cls_id=bb.tokenizer.cls_token_id)
+    grads = []
+    for module in (eager, compiled):
+        module.eval()  # no dropout
+        sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items()).backward()
+        grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
+    torch._dynamo.reset()
+    assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
+    for name, g in grads[0].items():
+        assert torch.allclose(g, grads[1][name], rtol=1e-4, atol=1e-6), name
 
 
 @pytest.mark.slow
@@ -100,14 +134,21 @@ def test_unknown_compile_mode_is_refused(tiny_model_dir):
         MultiTaskModule(bb.encoder, LoRA(rank=4), pooling="mean", compile="fast")
 
 
-def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool | str = False, steps: int = 6) -> list[float]:
+def gpu_losses(
+    model_dir, data_dir, tmp_path, fast: bool, compile: bool | str = False, concat: bool = False, steps: int = 6
+) -> list[float]:
     """Training losses on CUDA: fp32 eager reference, or the fast path as `trainer=gpu_fast` runs it
     (bf16 autocast, frozen weights stored in bf16, fused passes and q/k/v, bucketed padding, fused
     AdamW, optionally the compiled encoder)."""
     torch.manual_seed(0)
     bb = load_backbone(str(model_dir), "mean")
     module = MultiTaskModule(
-        bb.encoder, LoRA(rank=4), pooling="mean", fuse_passes=fast, pair_features="sbert", compile=compile
+        bb.encoder,
+        LoRA(rank=4, concat=concat),
+        pooling="mean",
+        fuse_passes=fast,
+        pair_features="sbert",
+        compile=compile,
     )
     module = module.cuda()
     for layer in module.encoder.encoder.layer:
@@ -123,13 +164,17 @@ def gpu_losses(model_dir, data_dir, tmp_path, fast: bool, compile: bool | str = 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("compile", [False, True, "reduce-overhead"], ids=["eager", "compiled", "cuda_graphs"])
-def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_path, compile):
+@pytest.mark.parametrize(
+    "compile, concat",
+    [(False, False), (True, False), ("reduce-overhead", False), ("reduce-overhead", True)],
+    ids=["eager", "compiled", "cuda_graphs", "cuda_graphs_concat"],
+)
+def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_path, compile, concat):
     from conftest import make_model_dir
 
     model_dir = make_model_dir(tmp_path_factory.mktemp("gpu_model"), hidden=64, layers=2, heads=4)
     ref = gpu_losses(model_dir, data_dir, tmp_path, fast=False)
-    fast = gpu_losses(model_dir, data_dir, tmp_path, fast=True, compile=compile)
+    fast = gpu_losses(model_dir, data_dir, tmp_path, fast=True, compile=compile, concat=concat)
     assert ref == pytest.approx(fast, rel=5e-2, abs=5e-2)  # bf16 activations: a few 1e-2 after 6 steps
     assert ref[0] != pytest.approx(ref[-1], abs=1e-2)
 

@@ -6,7 +6,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import CastLayout, Dropout, add_low_rank, attention, cast_packed, dropout, low_rank_linear
+from peft_lightning.ops import (
+    CastLayout,
+    Dropout,
+    _ConcatLowRankLinear,
+    add_low_rank,
+    attention,
+    cast_packed,
+    dropout,
+    low_rank_linear,
+)
 
 
 def test_dropout_keeps_one_minus_p_and_rescales():
@@ -87,6 +96,55 @@ def test_low_rank_linear_matches_the_composition(gelu, input_grad):
         torch.autograd.grad((out * upstream).sum(), inputs), torch.autograd.grad((want * upstream).sum(), inputs)
     ):
         assert torch.allclose(got, exp, atol=1e-4)
+
+
+@pytest.mark.parametrize("rank", [3, 8, 24])  # padded to 8, 8 and 24 columns
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_concatenated_form_matches_the_composition(rank, gelu, bias):
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 5, 16, generator=g, requires_grad=True)
+    w = torch.randn(24, 16, generator=g)
+    b0 = torch.randn(24, generator=g) if bias else None
+    a = torch.randn(rank, 16, generator=g, requires_grad=True)
+    b = torch.randn(24, rank, generator=g, requires_grad=True)
+    out = _ConcatLowRankLinear.apply(x, w, b0, a, b, 0.7, gelu)
+    want = reference_low_rank(x, w, b0, a, b, 0.7, gelu)
+    assert out.shape == (2, 5, 24) and torch.allclose(out, want, atol=1e-5)
+    upstream = torch.randn(2, 5, 24, generator=g)
+    got = torch.autograd.grad((out * upstream).sum(), (x, a, b))
+    exp = torch.autograd.grad((want * upstream).sum(), (x, a, b))
+    for name, u, v in zip("xab", got, exp):
+        assert u.shape == v.shape and torch.allclose(u, v, atol=1e-4), name
+
+
+def test_low_rank_linear_takes_the_concatenated_form_only_when_compiling_and_asked():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 16, generator=g)
+    w, a, b = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g)
+    seen = []
+
+    def backend(gm, example_inputs):  # records the ops of the traced graph, runs it as it is
+        seen.append({str(n.target) for n in gm.graph.nodes if n.op == "call_function"})
+        return gm
+
+    for concat in (False, True):
+        fn = torch.compile(lambda x, c=concat: low_rank_linear(x, w, None, a, b, 1.0, concat=c), backend=backend)
+        assert torch.allclose(fn(x), reference_low_rank(x, w, None, a, b, 1.0, False), atol=1e-5)
+        torch._dynamo.reset()
+    assert not any("cat" in op for op in seen[0])  # the plain composition: x W^T, x A^T, + z B^T
+    assert any("cat" in op for op in seen[1])  # [x | x A^T] [W | B]^T
+
+    # and with gradients, traced forward and backward (AOT autograd), GELU in front
+    x.requires_grad_()
+    a.requires_grad_()
+    b.requires_grad_()
+    fn = torch.compile(lambda x: low_rank_linear(x, w, None, a, b, 0.5, gelu=True, concat=True), backend="aot_eager")
+    got = torch.autograd.grad(fn(x).square().sum(), (x, a, b))
+    exp = torch.autograd.grad(reference_low_rank(x, w, None, a, b, 0.5, True).square().sum(), (x, a, b))
+    torch._dynamo.reset()
+    for name, u, v in zip("xab", got, exp):
+        assert torch.allclose(u, v, atol=1e-4), name
 
 
 def test_low_rank_linear_under_autocast_and_what_it_keeps():

@@ -62,6 +62,7 @@ class LoRALinear(nn.Module):
         self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
         self.output_kept = False  # the consumer saves this layer's output for its backward (see arena_linear)
         self.output_to_gelu = False  # the output goes to GELU: the arena makes it contiguous (see arena_linear)
+        self.concat = False  # under torch.compile, the concatenated form (see ops.low_rank_linear)
 
     @property
     def merged(self) -> bool:
@@ -74,7 +75,7 @@ class LoRALinear(nn.Module):
             return arena_linear(x, self.cast, self.scale, gelu, self.output_kept, self.output_to_gelu)
         a, b = self.cast if self.cast is not None else (self.lora_A, self.lora_B)
         if not self.merged and isinstance(self.dropout, nn.Identity):
-            return low_rank_linear(x, self.base.weight, self.base.bias, a, b, self.scale, gelu)
+            return low_rank_linear(x, self.base.weight, self.base.bias, a, b, self.scale, gelu, self.concat)
         x = F.gelu(x) if gelu else x
         y = self.base(x)
         if self.merged:
@@ -129,6 +130,9 @@ class LoRA(LayerAdapter):
         include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
         arena: with bf16-mixed, keep A and B beside the frozen weights (`compute_dtype_weights`);
             false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6 (or 7).
+        concat: under torch.compile, compute each layer as [h | x A^T] [W | s B]^T (and its input
+            gradient as [g | g B] [W; A]): the rank-r update goes into the frozen GEMM instead of
+            a GEMM of its own (`ops._ConcatLowRankLinear`). Off by default until measured on a GPU.
     """
 
     name = "lora"
@@ -142,6 +146,7 @@ class LoRA(LayerAdapter):
         dropout: float = 0.0,
         include_pooler: bool | str = "auto",
         arena: bool = True,
+        concat: bool = False,
     ):
         super().__init__()
         if not isinstance(rank, int) or rank < 1:
@@ -155,6 +160,7 @@ class LoRA(LayerAdapter):
         self.targets = list(targets) if not isinstance(targets, str) else [targets]
         self.include_pooler = include_pooler
         self.use_arena = bool(arena)
+        self.concat = bool(concat)
         self.layers: list[LoRALinear] = []  # plain list: the modules live in the encoder
         self.target_names: list[str] = []
         self._attentions: list[BertSelfAttention] = []
@@ -172,6 +178,7 @@ class LoRA(LayerAdapter):
             # outputs the next op saves anyway: q, k, v (attention) and the FFN pre-activation
             wrapped.output_kept = matches(name, ["query", "key", "value", "intermediate.dense"])
             wrapped.output_to_gelu = matches(name, ["intermediate.dense"])
+            wrapped.concat = self.concat
             return wrapped
 
         self.wrap(encoder, chosen, make)
