@@ -98,7 +98,8 @@ def test_compiled_lora_gives_the_eager_gradients(tiny_model_dir, concat):
 
 
 @pytest.mark.slow
-def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir):
+@pytest.mark.parametrize("concat", [False, True], ids=["plain", "concat"])
+def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir, concat):
     """Bucketed lengths and a short last batch: the first shape compiles, the next length makes that
     dimension dynamic (one more), the short batch the batch dimension (one more); then no batch of any
     bucket compiles again, and evaluation adds one graph (no grad, no dropout) for all its shapes."""
@@ -110,7 +111,7 @@ def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir):
     counters.clear()
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, LoRA(rank=4), pooling="mean", fuse_passes=True, compile=True)
+    module = MultiTaskModule(bb.encoder, LoRA(rank=4, concat=concat), pooling="mean", fuse_passes=True, compile=True)
     module.configure_model()
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
