@@ -130,7 +130,7 @@ class LoRA(LayerAdapter):
         include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
         arena: with bf16-mixed, keep A and B beside the frozen weights (`compute_dtype_weights`);
             false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6 (or 7).
-        concat: under torch.compile, compute each layer as [h | x A^T] [W | s B]^T (and its input
+        concat: under torch.compile, compute each layer as [x | x A^T] [W | s B]^T (and its input
             gradient as [g | g B] [W; A]): the rank-r update goes into the frozen GEMM instead of
             a GEMM of its own (`ops._ConcatLowRankLinear`). Off by default until measured on a GPU.
     """
