@@ -186,14 +186,20 @@ class MultiTaskModule(L.LightningModule):
         return list(pooled.split([p["input_ids"].shape[0] for p in passes]))
 
     def forward(self, batch: dict[str, dict]) -> dict[str, torch.Tensor]:
-        """Logits (B, classes) or scores (B,) per task in the batch."""
+        """Logits (B, classes) or scores (B,) per task in the batch, in fp32.
+
+        The heads run in fp32 under mixed precision too: they are a few small GEMMs a step, and in
+        bf16 an STS score near 4 would be rounded to a multiple of 1/32 (the written predictions,
+        and Spearman's ties, with it). Autocast would also cast every head weight each step.
+        """
         passes = [enc for sub in batch.values() for enc in sub["inputs"]]
         pooled = self.encode(passes)
         out, k = {}, 0
-        for task, sub in batch.items():
-            n = len(sub["inputs"])
-            out[task] = self.heads[task](pooled[k : k + n])
-            k += n
+        with torch.autocast(self.device.type, enabled=False):
+            for task, sub in batch.items():
+                n = len(sub["inputs"])
+                out[task] = self.heads[task]([p.float() for p in pooled[k : k + n]])
+                k += n
         return out
 
     @staticmethod

@@ -122,8 +122,9 @@ def bf16_module(tiny_model_dir, rank=4, use_arena=True):
 
 def bf16_step(module, batch) -> tuple[torch.Tensor, dict, dict]:
     module.zero_grad(set_to_none=True)
-    with OpCounter() as counter, torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+    with OpCounter() as counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the forward only, as Lightning's bf16-mixed
+            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
         loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}, counter.counts
 

@@ -41,6 +41,25 @@ def test_head_shapes():
         build_heads(get_tasks(["stsb"]), hidden=16, pair_encoding="cross", sts_head="cosine")
 
 
+def test_heads_run_in_fp32_under_mixed_precision(tiny_model_dir):
+    """bf16 autocast: the encoder in bf16, the heads in fp32 (an STS score is not rounded to bf16)."""
+    from peft_lightning.bench import make_batches
+
+    torch.manual_seed(0)
+    bb = load_backbone(str(tiny_model_dir), "mean")
+    module = MultiTaskModule(bb.encoder, LoRA(rank=2), pooling="mean").eval()
+    batch = make_batches(4, 16, bb.encoder.config.vocab_size, module.device, cls_id=bb.tokenizer.cls_token_id)
+    passes = [enc for sub in batch.values() for enc in sub["inputs"]]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(batch)
+        pooled = module.encode(passes)
+    assert {t: o.dtype for t, o in out.items()} == {t: torch.float32 for t in ("sst5", "qqp", "stsb")}
+    with torch.no_grad():
+        want = module.heads["stsb"]([p.float() for p in pooled[3:5]])  # fp32 heads on the same vectors
+    assert torch.equal(out["stsb"], want)
+    assert not torch.equal(out["stsb"], out["stsb"].bfloat16().float())  # not bf16-rounded
+
+
 def run(tiny_model_dir, data_dir, out, *extra):
     return train(compose(tiny_overrides(tiny_model_dir, data_dir, out, *extra)))
 
