@@ -27,11 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import CastLayout
-
-
-def round8(n: int) -> int:
-    return -(-n // 8) * 8
+from peft_lightning.ops import CastLayout, round8
 
 
 class Site(NamedTuple):

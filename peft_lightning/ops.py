@@ -97,6 +97,11 @@ class _LowRankLinear(torch.autograd.Function):
         return grad_x, None, None, grad_a, grad_b, None, None
 
 
+def round8(n: int) -> int:
+    """n rounded up to a multiple of 8 (16-byte rows in 16-bit dtypes)."""
+    return -(-n // 8) * 8
+
+
 class _ConcatLowRankLinear(torch.autograd.Function):
     """y = act(x) W^T + b + s (act(x) A^T) B^T as [h | z] [W | s B]^T, for torch.compile.
 
@@ -114,7 +119,7 @@ class _ConcatLowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_a, lora_b, scale: float, gelu: bool):
         n, r = x.shape[-1], lora_a.shape[0]
-        pad = -(-r // 8) * 8 - r
+        pad = round8(r) - r
         a = F.pad(lora_a, (0, 0, 0, pad))  # (Rp, in)
         b = F.pad(lora_b, (0, pad))  # (out, Rp)
         h = F.gelu(x) if gelu else x

@@ -81,6 +81,11 @@ def freeze(module: nn.Module) -> None:
         p.requires_grad_(False)
 
 
+def linear_names(encoder: BertEncoder) -> list[str]:
+    """Dotted names of the encoder's linear layers, in module order."""
+    return [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+
+
 class LayerAdapter(Adapter):
     """An adapter made of wrappers around encoder layers (`layers`: LoRA's, (IA)^3's), each of which
     can merge into its frozen layer and unmerge exactly."""
@@ -92,7 +97,7 @@ class LayerAdapter(Adapter):
         """Names of the encoder's linear layers that `targets` (patterns or aliases) match; the
         pooler's only with `pooler`. None matching is a ValueError that lists the layers' names."""
         patterns = expand_targets(targets)
-        linears = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
+        linears = linear_names(encoder)
         chosen = [n for n in linears if matches(n, patterns) and (pooler or not n.startswith("pooler."))]
         if not chosen:
             raise ValueError(

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, expand_targets, freeze, matches
+from peft_lightning.adapters.base import LayerAdapter, expand_targets, freeze, linear_names, matches
 from peft_lightning.encoder import BertEncoder
 
 
@@ -112,8 +112,7 @@ class IA3(LayerAdapter):
         freeze(encoder)
         chosen = self.select(encoder, self.targets, pooler=False)
         ff = expand_targets(self.feedforward)
-        linears = [n for n, m in encoder.named_modules() if isinstance(m, nn.Linear)]
-        stray = [n for n in linears if matches(n, ff) and n not in chosen]
+        stray = [n for n in linear_names(encoder) if matches(n, ff) and n not in chosen]
         if stray:
             raise ValueError(f"adapter.feedforward must be among the targets; {stray[0]} is not a target")
         self.wrap(encoder, chosen, lambda name, layer: IA3Linear(layer, feedforward=matches(name, ff)))
