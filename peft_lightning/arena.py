@@ -132,6 +132,14 @@ class ArenaCast(NamedTuple):
     a: torch.Tensor  # (R, in)
     b: torch.Tensor  # (O, R)
     site: ArenaSite
+    concat: bool = False  # fold the rank-R updates of the wide side into the frozen GEMM (`_ArenaLinear`)
+
+
+def mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * a b, the scale applied in the GEMM's fp32 epilogue (one rounding, no extra kernel)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=scale)  # beta = 0: the input is not read
 
 
 class _ArenaLinear(torch.autograd.Function):
@@ -149,14 +157,37 @@ class _ArenaLinear(torch.autograd.Function):
     GEMM more each: `contiguous_output` (the FFN's first layer, whose output goes to GELU) computes
     y apart from z, and with `gelu` (the FFN's second layer) the input gradient, which goes to GELU's
     backward, is computed apart from g B.
+
+    With `concat`, the rank-R update of the wider side is folded into the frozen GEMM instead of
+    being added by a GEMM of its own (K = R, `addmm_`), which reads and writes that whole side:
+    - forward, when O >= in (q/k/v, attention output, the FFN's first layer; not with GELU in
+      front): y = [h | s z] [W | B | 0]^T, with z = h [A; 0]^T computed first (N, Rp);
+    - backward, when in > O (the FFN's second layer): dx = [g | s g B] [W; A; 0].
+    The cost is a copy of the narrower side into the concatenation (`cat`, contiguous and
+    vectorised) and, forward, z in a GEMM of its own. On run 3's H100 profile at B=32 the K = R
+    updates into the (N, 3072) sides took ~130 us each, 2x a copy's memory time, the q/k/v one
+    ~90 us, while a copy of an (N, 768) side is ~20 us; and y comes out contiguous (dropout on the
+    attention output's y, strided, took 2.1x). Off by default until a GPU measures it.
     """
 
     @staticmethod
-    def forward(ctx, x, a, b, site: ArenaSite, scale: float, gelu: bool, keep_output: bool, contiguous_output: bool):
+    def forward(ctx, x, a, b, site: ArenaSite, scale: float, gelu: bool, keep_output: bool, contiguous_output: bool,
+                concat: bool):  # fmt: skip
         o, r, n = site.out_features, site.rank, site.in_features
         x2 = x.reshape(-1, n)
         h = F.gelu(x2) if gelu else x2
-        if contiguous_output:  # y = h W^T + b and z = h A^T apart: y comes out contiguous
+        fold = concat and not gelu and o >= n
+        if fold:  # y = [h | s z] [W | B | 0]^T: the update inside the frozen GEMM, y contiguous
+            rp = site.wb.shape[1] - n
+            z = mm_scaled(h, site.wa_t.narrow(1, o, rp), scale)  # (N, Rp): s h [A; 0]^T, zero beyond R
+            hz = torch.cat([h, z], 1)  # (N, in + Rp)
+            y = (
+                torch.addmm(site.bias.narrow(0, 0, o), hz, site.wb.t())
+                if site.bias is not None
+                else torch.mm(hz, site.wb.t())
+            )
+            z = z.narrow(1, 0, r)  # saved as s z: B's gradient g^T (s z) needs no scaling then
+        elif contiguous_output:  # y = h W^T + b and z = h A^T apart: y comes out contiguous
             w_t, a_t = site.wa_t.narrow(1, 0, o), site.wa_t.narrow(1, o, r)
             y = torch.addmm(site.bias.narrow(0, 0, o), h, w_t) if site.bias is not None else torch.mm(h, w_t)
             z = torch.mm(h, a_t)  # its own storage: saved as it is
@@ -165,41 +196,47 @@ class _ArenaLinear(torch.autograd.Function):
             yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)
             y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
             z = z if keep_output else z.clone()
-        y.addmm_(z, site.b_t, alpha=scale)  # + s z B^T, in place: no extra pass over y
+        if not fold:
+            y.addmm_(z, site.b_t, alpha=scale)  # + s z B^T, in place: no extra pass over y
         if any(ctx.needs_input_grad):  # not when evaluating
             needs_x = ctx.needs_input_grad[0]
-            ctx.save_for_backward(x2, z, site.wb if needs_x else site.b, site.a)
+            fold_back = concat and needs_x and n > o
+            ctx.save_for_backward(x2, z, site.wb if needs_x else site.b, site.a, site.wa_t if fold_back else None)
             ctx.scale, ctx.gelu, ctx.dims, ctx.x_shape = scale, gelu, (o, r, n), x.shape
+            ctx.z_scaled, ctx.fold_back = fold, fold_back
         return y.view(*x.shape[:-1], o)
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, z, w, a = ctx.saved_tensors  # x2: the input as (N, in)
+        x2, z, w, a, wa_t = ctx.saved_tensors  # x2: the input as (N, in); w: [W | B | 0], or B alone
         o, r, n = ctx.dims
         g = grad_y.reshape(-1, o)
         needs_x = ctx.needs_input_grad[0]
-        if needs_x and ctx.gelu:  # g W and g B apart: GELU's backward gets a contiguous gradient
-            gx, g_a = torch.mm(g, w.narrow(1, 0, n)), torch.mm(g, w.narrow(1, n, r))
+        if ctx.fold_back:  # dx = [g | s g B] [W; A; 0]: the update inside the frozen GEMM, dx contiguous
+            g_a = mm_scaled(g, w.narrow(1, n, w.shape[1] - n), ctx.scale)  # (N, Rp): s g [B | 0], zero beyond R
+            gx = torch.mm(torch.cat([g, g_a], 1), wa_t.t())
+            g_a = g_a.narrow(1, 0, r)
+        elif needs_x and ctx.gelu:  # g W and g B apart: GELU's backward gets a contiguous gradient
+            gx, g_a = torch.mm(g, w.narrow(1, 0, n)), mm_scaled(g, w.narrow(1, n, r), ctx.scale)
         elif needs_x:
             # [g W | g B | 0]: (N, in + Rp). The input gradient is a view of it, and its rows must
             # start 16-byte aligned: cuDNN attention's backward reads the attention output's input
             # gradient, and with rows of in + R a rank such as 4 gave 'misaligned address' on an H100.
             gx_ga = torch.mm(g, w)
             gx, g_a = gx_ga.narrow(1, 0, n), gx_ga.narrow(1, n, r)
+            if ctx.scale != 1.0:
+                g_a.mul_(ctx.scale)  # its columns only
         else:  # the first layer's input needs no gradient: only g B
-            g_a = torch.mm(g, w)
-        grad_b = torch.mm(g.t(), z)  # (O, R)
-        if ctx.scale != 1.0:
-            g_a.mul_(ctx.scale)
-            grad_b.mul_(ctx.scale)
+            g_a = mm_scaled(g, w, ctx.scale)
+        grad_b = mm_scaled(g.t(), z, 1.0 if ctx.z_scaled else ctx.scale)  # (O, R)
         grad_a = torch.mm(g_a.t(), F.gelu(x2) if ctx.gelu else x2)  # (R, in)
         grad_x = None
         if needs_x:
-            grad_x = gx.addmm_(g_a, a)  # g W + s g B A
+            grad_x = gx if ctx.fold_back else gx.addmm_(g_a, a)  # g W + s g B A
             if ctx.gelu:
                 grad_x = torch.ops.aten.gelu_backward(grad_x, x2)
             grad_x = grad_x.view(ctx.x_shape)
-        return grad_x, grad_a, grad_b, None, None, None, None, None
+        return grad_x, grad_a, grad_b, None, None, None, None, None, None
 
 
 def arena_linear(
@@ -221,9 +258,10 @@ def arena_linear(
         contiguous_output: one GEMM more for a contiguous output (for an output that goes to GELU).
 
     Returns:
-        (..., O): a view with row stride O + Rp, or contiguous with `contiguous_output`.
+        (..., O): a view with row stride O + Rp, or contiguous with `contiguous_output` (or folded,
+        see `_ArenaLinear`'s `concat`).
     """
     dtype = cast.site.wa_t.dtype
     if x.dtype != dtype:
         x = x.to(dtype)
-    return _ArenaLinear.apply(x, cast.a, cast.b, cast.site, scale, gelu, keep_output, contiguous_output)
+    return _ArenaLinear.apply(x, cast.a, cast.b, cast.site, scale, gelu, keep_output, contiguous_output, cast.concat)

@@ -62,7 +62,7 @@ STUDY_CASES = {  # the default cases
 CASES = {
     **STUDY_CASES,
     "lora_r8_no_arena": (LoRA, {"rank": 8, "arena": False}),  # the arena's effect (bf16, eager)
-    "lora_r8_concat": (LoRA, {"rank": 8, "concat": True}),  # the concatenated form's effect (--compile)
+    "lora_r8_concat": (LoRA, {"rank": 8, "concat": True}),  # the concatenated form (compiled; eager: in the arena)
 }
 
 

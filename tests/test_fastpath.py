@@ -167,8 +167,8 @@ def gpu_losses(
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "compile, concat",
-    [(False, False), (True, False), ("reduce-overhead", False), ("reduce-overhead", True)],
-    ids=["eager", "compiled", "cuda_graphs", "cuda_graphs_concat"],
+    [(False, False), (False, True), (True, False), ("reduce-overhead", False), ("reduce-overhead", True)],
+    ids=["eager", "eager_concat", "compiled", "cuda_graphs", "cuda_graphs_concat"],
 )
 def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_path, compile, concat):
     from conftest import make_model_dir

@@ -62,7 +62,7 @@ class LoRALinear(nn.Module):
         self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
         self.output_kept = False  # the consumer saves this layer's output for its backward (see arena_linear)
         self.output_to_gelu = False  # the output goes to GELU: the arena makes it contiguous (see arena_linear)
-        self.concat = False  # under torch.compile, the concatenated form (see ops.low_rank_linear)
+        self.concat = False  # the concatenated form (see ops.low_rank_linear and arena._ArenaLinear)
 
     @property
     def merged(self) -> bool:
@@ -130,9 +130,10 @@ class LoRA(LayerAdapter):
         include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
         arena: with bf16-mixed, keep A and B beside the frozen weights (`compute_dtype_weights`);
             false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6 (or 7).
-        concat: under torch.compile, compute each layer as [x | x A^T] [W | s B]^T (and its input
-            gradient as [g | g B] [W; A]): the rank-r update goes into the frozen GEMM instead of
-            a GEMM of its own (`ops._ConcatLowRankLinear`). Off by default until measured on a GPU.
+        concat: compute a layer as [x | x A^T] [W | s B]^T (and its input gradient as [g | g B] [W; A]):
+            the rank-r update goes into the frozen GEMM instead of a GEMM of its own. Under
+            torch.compile every layer (`ops._ConcatLowRankLinear`); eager in the arena, the wider side
+            of each (`arena._ArenaLinear`). Off by default until measured on a GPU.
     """
 
     name = "lora"
@@ -209,7 +210,7 @@ class LoRA(LayerAdapter):
             casts = list(zip(outs[::2], outs[1::2]))
         else:
             outs = cast_packed(layout, dtype, tensors, into=arena)
-            casts = [ArenaCast(a, b, site) for a, b, site in zip(outs[::2], outs[1::2], arena_sites)]
+            casts = [ArenaCast(a, b, site, self.concat) for a, b, site in zip(outs[::2], outs[1::2], arena_sites)]
         try:
             for (obj, attr), cast in zip(slots, casts):
                 setattr(obj, attr, cast)
