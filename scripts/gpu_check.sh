@@ -20,7 +20,8 @@
 # STAGES picks and orders them (default "pytest bench profile graphs compiled train"); CASES the eager bench
 # cases, PROFILE_CASES the profiled ones (default "lora_r8 lora_r8_concat": the arena plain and with its
 # folded updates), COMPILED_CASES the compiled ones (default "lora_r8 lora_r8_concat": LoRA's plain and
-# concatenated forms under compile), COMPILED_BATCH their batch sizes (default "32 8").
+# concatenated forms under compile), COMPILED_BATCH their batch sizes (default "32 8"), PYTEST_K a
+# pytest -k expression for the pytest stage (default: all; "eager" runs the two eager tests only).
 # Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast,compiled}.json (their results.json).
 set -u
 OUT=${OUT:-gpu_check}
@@ -63,7 +64,7 @@ train_run() { # train_run <max seconds> <variant> <overrides...>: a short MiniLM
     python3 -c "import torch, transformers, peft, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'lightning', lightning.__version__)"
     for stage in $STAGES; do
         case $stage in
-        pytest) step 120 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py ;;
+        pytest) step 120 pytest-gpu python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_fastpath.py ${PYTEST_K:+-k "$PYTEST_K"} ;;
         bench) step 180 bench-eager python3 -m peft_lightning.bench --device cuda --model bert_base \
             --batch-sizes 32 8 --length 128 --cases $CASES --out "$OUT/bench.jsonl" ;;
         profile) step 120 bench-profile python3 -m peft_lightning.bench --device cuda --model bert_base \
