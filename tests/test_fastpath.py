@@ -136,7 +136,14 @@ def test_unknown_compile_mode_is_refused(tiny_model_dir):
 
 
 def gpu_losses(
-    model_dir, data_dir, tmp_path, fast: bool, compile: bool | str = False, concat: bool = False, steps: int = 6
+    model_dir,
+    data_dir,
+    tmp_path,
+    fast: bool,
+    compile: bool | str = False,
+    concat: bool = False,
+    scaling: str = "fixed",
+    steps: int = 6,
 ) -> list[float]:
     """Training losses on CUDA: fp32 eager reference, or the fast path as `trainer=gpu_fast` runs it
     (bf16 autocast, frozen weights stored in bf16, fused passes and q/k/v, bucketed padding, fused
@@ -145,7 +152,7 @@ def gpu_losses(
     bb = load_backbone(str(model_dir), "mean")
     module = MultiTaskModule(
         bb.encoder,
-        LoRA(rank=4, concat=concat),
+        LoRA(rank=4, concat=concat, scaling=scaling),
         pooling="mean",
         fuse_passes=fast,
         pair_features="sbert",
@@ -166,16 +173,23 @@ def gpu_losses(
 
 @pytest.mark.gpu
 @pytest.mark.parametrize(
-    "compile, concat",
-    [(False, False), (False, True), (True, False), ("reduce-overhead", False), ("reduce-overhead", True)],
-    ids=["eager", "eager_concat", "compiled", "cuda_graphs", "cuda_graphs_concat"],
+    "compile, concat, scaling",
+    [
+        (False, False, "fixed"),
+        (False, True, "fixed"),
+        (False, True, "alpha_over_r"),  # scale 4: the scaled products of the arena's folded forms
+        (True, False, "fixed"),
+        ("reduce-overhead", False, "fixed"),
+        ("reduce-overhead", True, "fixed"),
+    ],
+    ids=["eager", "eager_concat", "eager_concat_scaled", "compiled", "cuda_graphs", "cuda_graphs_concat"],
 )
-def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_path, compile, concat):
+def test_gpu_fast_path_gives_the_same_losses(tmp_path_factory, data_dir, tmp_path, compile, concat, scaling):
     from conftest import make_model_dir
 
     model_dir = make_model_dir(tmp_path_factory.mktemp("gpu_model"), hidden=64, layers=2, heads=4)
-    ref = gpu_losses(model_dir, data_dir, tmp_path, fast=False)
-    fast = gpu_losses(model_dir, data_dir, tmp_path, fast=True, compile=compile, concat=concat)
+    ref = gpu_losses(model_dir, data_dir, tmp_path, fast=False, scaling=scaling)
+    fast = gpu_losses(model_dir, data_dir, tmp_path, fast=True, compile=compile, concat=concat, scaling=scaling)
     assert ref == pytest.approx(fast, rel=5e-2, abs=5e-2)  # bf16 activations: a few 1e-2 after 6 steps
     assert ref[0] != pytest.approx(ref[-1], abs=1e-2)
 
