@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import CastLayout, round8
+from peft_lightning.ops import CastLayout, mm_scaled, round8
 
 
 class Site(NamedTuple):
@@ -133,13 +133,6 @@ class ArenaCast(NamedTuple):
     b: torch.Tensor  # (O, R)
     site: ArenaSite
     concat: bool = False  # fold the rank-R updates of the wide side into the frozen GEMM (`_ArenaLinear`)
-
-
-def mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """scale * a b, the scale applied in the GEMM's fp32 epilogue (one rounding, no extra kernel)."""
-    if scale == 1.0:
-        return torch.mm(a, b)
-    return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=scale)  # beta = 0: the input is not read
 
 
 class _ArenaLinear(torch.autograd.Function):

@@ -58,6 +58,13 @@ def add_low_rank(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float
     return out.view(y.shape)
 
 
+def mm_scaled(a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """scale * a b, the scale applied in the GEMM's fp32 epilogue (one rounding, no extra kernel)."""
+    if scale == 1.0:
+        return torch.mm(a, b)
+    return torch.addmm(a.new_empty(()), a, b, beta=0.0, alpha=scale)  # beta = 0: the input is not read
+
+
 class _LowRankLinear(torch.autograd.Function):
     """y = act(x) W^T + b + s (act(x) A^T) B^T with W, b frozen; act is identity or GELU.
 
@@ -82,11 +89,8 @@ class _LowRankLinear(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, lora_a, lora_b, a = ctx.saved_tensors
         g = grad_y.reshape(-1, grad_y.shape[-1])
-        grad_b = torch.mm(g.t(), a)  # (out, r)
-        g_a = torch.mm(g, lora_b)  # (N, r)
-        if ctx.scale != 1.0:  # the study's default scale is 1: two launches fewer per layer
-            grad_b.mul_(ctx.scale)
-            g_a.mul_(ctx.scale)
+        grad_b = mm_scaled(g.t(), a, ctx.scale)  # (out, r)
+        g_a = mm_scaled(g, lora_b, ctx.scale)  # (N, r)
         h = F.gelu(x) if ctx.gelu else x
         grad_a = torch.mm(g_a.t(), h.reshape(-1, h.shape[-1]))  # (r, in)
         grad_x = None
@@ -137,8 +141,8 @@ class _ConcatLowRankLinear(torch.autograd.Function):
         x, weight, a, b, z = ctx.saved_tensors
         r = ctx.rank
         g = grad_y.reshape(-1, grad_y.shape[-1])
-        g_z = torch.mm(g, b) * ctx.scale  # (N, Rp): the gradient of z
-        grad_b = torch.mm(g.t(), z[:, :r]) * ctx.scale  # (out, r)
+        g_z = mm_scaled(g, b, ctx.scale)  # (N, Rp): the gradient of z
+        grad_b = mm_scaled(g.t(), z[:, :r], ctx.scale)  # (out, r)
         h = F.gelu(x) if ctx.gelu else x
         grad_a = torch.mm(g_z[:, :r].t(), h.reshape(-1, h.shape[-1]))  # (r, in)
         grad_x = None

@@ -21,7 +21,7 @@
 # cases, PROFILE_CASES the profiled ones (default "lora_r8 lora_r8_concat": the arena plain and with its
 # folded updates), COMPILED_CASES the compiled ones (default "lora_r8 lora_r8_concat": LoRA's plain and
 # concatenated forms under compile), COMPILED_BATCH their batch sizes (default "32 8"), PYTEST_K a
-# pytest -k expression for the pytest stage (default: all; "eager" runs the two eager tests only).
+# pytest -k expression for the pytest stage (default: all; "eager" runs the eager tests only).
 # Writes $OUT/log.txt, $OUT/bench.jsonl and $OUT/train-{ref,fast,compiled}.json (their results.json).
 set -u
 OUT=${OUT:-gpu_check}
