@@ -2,7 +2,8 @@
 
 A table per study found (main, epochs, lora_rank, prefix_length, prefix_mlp, and each
 beyond-the-study experiment that ran). Rows are the sweep's varying overrides; runs that differ only
-in seed are averaged and shown as mean +- std. Scores are the best epoch's (by dev avg), as the
+in seed are averaged and shown as mean +- std. multitask_vs_single has a table of its own: each
+task's score trained alone beside trained with the other two, and the change. Scores are the best epoch's (by dev avg), as the
 checkpoint used for predictions. A failed or unfinished job is a row that says so.
 """
 
@@ -16,6 +17,7 @@ import statistics
 from pathlib import Path
 
 from peft_lightning.results import RESULTS
+from peft_lightning.tasks import TASK_NAMES, TASKS
 
 PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
 BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head", "peft_methods"]
@@ -34,6 +36,7 @@ TITLES = {
 }
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
 WITH_TRAIN = {"epochs", "lora_rank"}
+WITH_COST = {"main", "peft_methods", "lora_targets"}  # tables that also show parameters, step time, memory
 IGNORED_KEYS = {"seed"}
 
 
@@ -90,7 +93,7 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
     keys = varying_keys(runs)
     parts = ["train", "dev"] if study in WITH_TRAIN else ["dev"]
     header = list(keys) + [f"{p} {t} {m}" for p in parts for t, m in METRICS] + [f"{p} avg" for p in parts]
-    extra = study == "main"
+    extra = study in WITH_COST
     if extra:
         header += ["trainable (encoder)", "trainable (with heads)", "step ms", "peak MiB"]
     header += ["seeds", "status"]
@@ -185,6 +188,81 @@ def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             cells += [fmt([h.get("train_avg")]), fmt([h.get("dev_avg")]), "ok"]
             rows.append(cells)
     return header, rows
+
+
+def multitask_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per strategy, each task's dev score trained alone and trained with the other two, and the cost.
+
+    A task's score is its main metric (SST-5 and QQP accuracy, STS-B Pearson) at each run's best
+    epoch: a single-task run's best epoch is its own task's best, a multi-task run's the best by
+    dev avg (the checkpoint either run predicts with). "change" is together - alone, as mean +- std
+    of the differences of runs with the same seed (with one seed, the difference). "wall s" is
+    the three single-task runs' wall time summed against the multi-task run's.
+    """
+    header = ["adapter"]
+    for t in TASK_NAMES:
+        label = f"{t} {TASKS[t].main_metric}"
+        header += [f"{label} alone", f"{label} together", f"{label} change"]
+    header += ["avg alone", "avg together", "avg change", "wall s alone (3 runs)", "wall s together", "seeds", "status"]
+    by_adapter: dict[str, list[dict]] = {}
+    for r in runs:
+        name = overrides(r).get("adapter") or (r.get("adapter") or {}).get("name") or "?"
+        by_adapter.setdefault(name, []).append(r)
+    rows = []
+    for name in sorted(by_adapter):
+        members = by_adapter[name]
+        ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
+        problems = [f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in members if r not in ok]
+
+        cells = [name]
+        alone_by_seed: dict = {}  # seed -> the tasks' scores, for the avg's paired change
+        together_by_seed: dict = {}
+        if not any(_tasks(r) == TASK_NAMES for r in ok):
+            problems.append("no complete multi-task run")
+        for t in TASK_NAMES:
+            alone, together = _seed_scores(ok, (t,), t), _seed_scores(ok, TASK_NAMES, t)
+            if not alone:
+                problems.append(f"no complete {t}-only run")
+            for by_seed, scores in ((alone_by_seed, alone), (together_by_seed, together)):
+                for seed, v in scores.items():
+                    by_seed.setdefault(seed, []).append(v)
+            change = [together[s] - v for s, v in alone.items() if together.get(s) is not None and v is not None]
+            cells += [fmt(list(alone.values())), fmt(list(together.values())), _signed(change)]
+        n = len(TASK_NAMES)
+        avg_alone = {s: sum(v) / n for s, v in alone_by_seed.items() if len(v) == n and None not in v}
+        avg_together = {s: sum(v) / n for s, v in together_by_seed.items() if len(v) == n and None not in v}
+        cells += [
+            fmt(list(avg_alone.values())),
+            fmt(list(avg_together.values())),
+            _signed([v - avg_alone[s] for s, v in avg_together.items() if s in avg_alone]),
+        ]
+        wall = {
+            tasks: mean([r.get("wall_time_s") for r in ok if _tasks(r) == tasks])
+            for tasks in [(t,) for t in TASK_NAMES] + [TASK_NAMES]
+        }
+        singles = [wall[(t,)] for t in TASK_NAMES]
+        cells += [fmt([] if None in singles else [sum(singles)], 0), fmt([wall[TASK_NAMES]], 0)]
+        seeds = {r.get("seed") for r in ok}
+        cells += [str(len(seeds)), "; ".join(problems) or "ok"]
+        rows.append(cells)
+    return header, rows
+
+
+def _seed_scores(runs: list[dict], tasks: tuple[str, ...], task: str) -> dict:
+    """seed -> the task's dev score (its main metric, best epoch), over the runs that trained on exactly `tasks`."""
+    metric = TASKS[task].main_metric
+    return {r.get("seed"): score(r["best"], "dev", task, metric) for r in runs if _tasks(r) == tasks}
+
+
+def _tasks(run: dict) -> tuple[str, ...]:
+    """The tasks a run trained on, in canonical order (all three when it does not say)."""
+    named = run.get("tasks") or TASK_NAMES
+    return tuple(t for t in TASK_NAMES if t in named)
+
+
+def _signed(values: list[float]) -> str:
+    text = fmt(values)
+    return text if text == "-" or text.startswith("-") else "+" + text
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -290,6 +368,8 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
         lines += [f"## {TITLES.get(study, study)}", ""]
         if study == "epochs":
             header, rows = epochs_table(srun)
+        elif study == "multitask_vs_single":
+            header, rows = multitask_table(srun)
         else:
             header, rows, numbers = study_table(study, srun)
             rows = bold_best(header, rows, numbers, len(varying_keys(srun)))

@@ -75,8 +75,12 @@ def test_report_tables(tmp_path):
         history=hist,
         config={"budget": {"epoch_marks": [1, 2, 4]}},
     )
+    fake(root, "peft_methods", ["adapter=ia3"], scores(0.4, 0.7, 0.6))
+    fake(root, "peft_methods", ["adapter=lora"], scores(0.45, 0.85, 0.6))
     path = build_report(root, tmp_path / "out")
     text = path.read_text()
+    ia3 = next(line for line in text.split("## PEFT methods")[1].splitlines() if line.startswith("| ia3"))
+    assert "| 100 | 150 | 12.5 | 900.0 |" in ia3  # the cost columns, as in the main table
     assert "## Main comparison (dev)" in text and "## LoRA rank: train and dev" in text and "## Epoch budgets" in text
     main_rows = [
         line
@@ -96,3 +100,43 @@ def test_report_tables(tmp_path):
     assert (tmp_path / "out" / "lora_rank.png").stat().st_size > 1000 and (tmp_path / "out" / "epochs.png").is_file()
     assert (tmp_path / "out" / "main.csv").read_text().splitlines()[0].startswith("adapter,dev sst5 acc")
     assert "not clean transfer" in text  # MiniLM's QQP caveat
+
+
+def test_multitask_table_pairs_each_task_alone_with_the_joint_run(tmp_path):
+    root = tmp_path / "mr"
+    one = {"sst5": {"acc": None}, "qqp": {"acc": None}, "stsb": {"pearson": None}}
+    alone = {"sst5": 0.40, "qqp": 0.80, "stsb": 0.70}
+    for seed, shift in ((1, 0.0), (2, 0.02)):
+        for task, value in alone.items():
+            dev = {**one, task: {"acc" if task != "stsb" else "pearson": value + shift}}
+            # a single-task run's dev scores hold its own task only
+            fake(root, "multitask_vs_single", ["adapter=lora", f"data.tasks=[{task}]", f"seed={seed}"],
+                 scores(0, 0, 0), tasks=[task], seed=seed, wall_time_s=100.0)  # fmt: skip
+            path = next((root / "multitask_vs_single").glob(f"*{task}*/seed={seed}/results.json"))
+            res = json.loads(path.read_text())
+            res["best"]["dev"] = dev
+            path.write_text(json.dumps(res))
+        fake(root, "multitask_vs_single", ["adapter=lora", "data.tasks=[sst5,qqp,stsb]", f"seed={seed}"],
+             scores(0.43 + shift, 0.78 + 2 * shift, 0.75), tasks=["sst5", "qqp", "stsb"], seed=seed,
+             wall_time_s=240.0)  # fmt: skip
+    fake(root, "multitask_vs_single", ["adapter=full", "data.tasks=[sst5,qqp,stsb]"], scores(0.5, 0.8, 0.7),
+         tasks=["sst5", "qqp", "stsb"], seed=1)  # fmt: skip
+    text = build_report(root, tmp_path / "out").read_text()
+    section = text.split("## Multi-task vs single-task training (dev)")[1]
+
+    def cells(prefix: str) -> list[str]:
+        line = next(x for x in section.splitlines() if x.startswith(prefix))
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    lora = dict(zip(cells("| adapter"), cells("| lora")))
+    assert lora["sst5 acc alone"] == "0.4100 ± 0.0141" and lora["sst5 acc together"] == "0.4400 ± 0.0141"
+    assert lora["sst5 acc change"] == "+0.0300 ± 0.0000"  # paired by seed: +0.03 in both
+    assert lora["qqp acc change"] == "-0.0100 ± 0.0141"  # 0.78 vs 0.80, 0.82 vs 0.82
+    assert lora["stsb pearson change"] == "+0.0400 ± 0.0141"  # 0.75 vs 0.70 and 0.72
+    assert lora["avg alone"] == "0.6433 ± 0.0141" and lora["avg change"] == "+0.0200 ± 0.0000"
+    assert lora["wall s alone (3 runs)"] == "300" and lora["wall s together"] == "240"
+    assert lora["seeds"] == "2" and lora["status"] == "ok"
+    full = dict(zip(cells("| adapter"), cells("| full")))
+    assert full["sst5 acc alone"] == "-" and full["sst5 acc together"] == "0.5000" and full["sst5 acc change"] == "-"
+    assert "no complete sst5-only run" in full["status"] and "no complete stsb-only run" in full["status"]
+    assert (tmp_path / "out" / "multitask_vs_single.csv").read_text().startswith("adapter,sst5 acc alone,")
