@@ -1,0 +1,231 @@
+"""Tables of a study from its runs' results.json: rows of formatted cells, one per setting.
+
+`study_table`: rows are the sweep's varying overrides; runs that differ only in seed are averaged and
+shown as mean +- std; scores are each run's best epoch (by dev avg), the checkpoint it predicts with;
+a failed or unfinished job is a row that says so. `epochs_table`: one row per epoch mark of each
+long run. `multitask_table`: each task's score trained alone beside trained with the other two.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from peft_lightning.tasks import TASK_NAMES, TASKS
+
+METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
+WITH_TRAIN = {"epochs", "lora_rank"}
+WITH_COST = {"main", "peft_methods", "lora_targets"}  # tables that also show parameters, step time, memory
+IGNORED_KEYS = {"seed"}
+
+
+def overrides(run: dict) -> dict[str, str]:
+    out = {}
+    for item in run.get("overrides") or []:
+        key, _, value = item.partition("=")
+        out[key.lstrip("+~")] = value
+    return out
+
+
+def varying_keys(runs: list[dict]) -> list[str]:
+    keys: list[str] = []
+    for r in runs:
+        for k in overrides(r):
+            if k not in keys and k not in IGNORED_KEYS:
+                keys.append(k)
+    return [k for k in keys if len({overrides(r).get(k) for r in runs}) > 1] or keys[:1]
+
+
+def fmt(values: list[float], digits: int = 4) -> str:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None and not math.isnan(v)]
+    return statistics.mean(values) if values else None
+
+
+def score(entry: dict | None, part: str, task: str, metric: str) -> float | None:
+    return ((entry or {}).get(part) or {}).get(task, {}).get(metric)
+
+
+def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]], list[list[float | None]]]:
+    """Header, formatted rows, and the numeric means behind them (for bolding and plots)."""
+    keys = varying_keys(runs)
+    parts = ["train", "dev"] if study in WITH_TRAIN else ["dev"]
+    header = list(keys) + [f"{p} {t} {m}" for p in parts for t, m in METRICS] + [f"{p} avg" for p in parts]
+    extra = study in WITH_COST
+    if extra:
+        header += ["trainable (encoder)", "trainable (with heads)", "step ms", "peak MiB"]
+    header += ["seeds", "status"]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
+    rows, numbers = [], []
+    for key, members in sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])):
+        ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
+        bad = [r for r in members if r not in ok]
+        cells, nums = list(key), []
+        for p in parts:
+            for t, m in METRICS:
+                vals = [score(r["best"], p, t, m) for r in ok]
+                cells.append(fmt(vals))
+                nums.append(mean(vals))
+        for p in parts:
+            vals = [r["best"].get(f"{p}_avg") for r in ok]
+            cells.append(fmt(vals))
+            nums.append(mean(vals))
+        if extra:
+            for path in (("params", "encoder", "trainable"), ("params", "with_heads", "trainable")):
+                vals = [_get(r, path) for r in ok]
+                cells.append(f"{int(vals[0]):,}" if vals and vals[0] is not None else "-")
+                nums.append(None)
+            # step time without each fit's warm-up steps (compile); runs from before it have only the mean
+            steady = [r.get("steady_step_ms") or r.get("step_time_ms") for r in ok]
+            for vals in (steady, [r.get("peak_memory_mb") for r in ok]):
+                cells.append(fmt(vals, 1))
+                nums.append(None)
+        status = (
+            "ok" if not bad else "; ".join(f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in bad)
+        )
+        cells += [str(len(ok)), status]
+        rows.append(cells)
+        numbers.append(nums)
+    return header, rows, numbers
+
+
+def _sort_key(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), "")
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for p in path:
+        d = (d or {}).get(p)
+    return d
+
+
+def bold_best(
+    header: list[str], rows: list[list[str]], numbers: list[list[float | None]], first_metric: int
+) -> list[list[str]]:
+    out = [list(r) for r in rows]
+    for j in range(len(numbers[0]) if numbers else 0):
+        col = [n[j] for n in numbers]
+        if all(v is None for v in col) or not header[first_metric + j].startswith(("dev", "train")):
+            continue
+        best = max(v for v in col if v is not None)
+        for i, v in enumerate(col):
+            if v is not None and v == best and sum(c == best for c in col) < len(col):
+                out[i][first_metric + j] = f"**{out[i][first_metric + j]}**"
+    return out
+
+
+def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    header = (
+        ["strategy", "epoch"]
+        + [f"{p} {t} {m}" for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
+        + ["train avg", "dev avg", "status"]
+    )
+    rows = []
+    for r in runs:
+        name = (r.get("adapter") or {}).get("name") or overrides(r).get("adapter", "?")
+        marks = ((r.get("config") or {}).get("budget") or {}).get("epoch_marks") or [
+            h["epoch"] for h in r.get("history", [])
+        ]
+        hist = {h["epoch"]: h for h in r.get("history", [])}
+        for mark in marks:
+            h = hist.get(mark)
+            if h is None:
+                rows.append(
+                    [name, str(mark)]
+                    + ["-"] * (len(header) - 3)
+                    + [r.get("status", "?") + (": " + r["error"] if r.get("error") else "")]
+                )
+                continue
+            cells = [name, str(mark)]
+            cells += [fmt([score(h, p, t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
+            cells += [fmt([h.get("train_avg")]), fmt([h.get("dev_avg")]), "ok"]
+            rows.append(cells)
+    return header, rows
+
+
+def multitask_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Per strategy, each task's dev score trained alone and trained with the other two, and the cost.
+
+    A task's score is its main metric (SST-5 and QQP accuracy, STS-B Pearson) at each run's best
+    epoch: a single-task run's best epoch is its own task's best, a multi-task run's the best by
+    dev avg (the checkpoint either run predicts with). "change" is together - alone, as mean +- std
+    of the differences of runs with the same seed (with one seed, the difference). "wall s" is
+    the three single-task runs' wall time summed against the multi-task run's.
+    """
+    header = ["adapter"]
+    for t in TASK_NAMES:
+        label = f"{t} {TASKS[t].main_metric}"
+        header += [f"{label} alone", f"{label} together", f"{label} change"]
+    header += ["avg alone", "avg together", "avg change", "wall s alone (3 runs)", "wall s together", "seeds", "status"]
+    by_adapter: dict[str, list[dict]] = {}
+    for r in runs:
+        name = overrides(r).get("adapter") or (r.get("adapter") or {}).get("name") or "?"
+        by_adapter.setdefault(name, []).append(r)
+    rows = []
+    for name in sorted(by_adapter):
+        members = by_adapter[name]
+        ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
+        problems = [f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in members if r not in ok]
+
+        cells = [name]
+        alone_by_seed: dict = {}  # seed -> the tasks' scores, for the avg's paired change
+        together_by_seed: dict = {}
+        if not any(_tasks(r) == TASK_NAMES for r in ok):
+            problems.append("no complete multi-task run")
+        for t in TASK_NAMES:
+            alone, together = _seed_scores(ok, (t,), t), _seed_scores(ok, TASK_NAMES, t)
+            if not alone:
+                problems.append(f"no complete {t}-only run")
+            for by_seed, scores in ((alone_by_seed, alone), (together_by_seed, together)):
+                for seed, v in scores.items():
+                    by_seed.setdefault(seed, []).append(v)
+            change = [together[s] - v for s, v in alone.items() if together.get(s) is not None and v is not None]
+            cells += [fmt(list(alone.values())), fmt(list(together.values())), _signed(change)]
+        n = len(TASK_NAMES)
+        avg_alone = {s: sum(v) / n for s, v in alone_by_seed.items() if len(v) == n and None not in v}
+        avg_together = {s: sum(v) / n for s, v in together_by_seed.items() if len(v) == n and None not in v}
+        cells += [
+            fmt(list(avg_alone.values())),
+            fmt(list(avg_together.values())),
+            _signed([v - avg_alone[s] for s, v in avg_together.items() if s in avg_alone]),
+        ]
+        wall = {
+            tasks: mean([r.get("wall_time_s") for r in ok if _tasks(r) == tasks])
+            for tasks in [(t,) for t in TASK_NAMES] + [TASK_NAMES]
+        }
+        singles = [wall[(t,)] for t in TASK_NAMES]
+        cells += [fmt([] if None in singles else [sum(singles)], 0), fmt([wall[TASK_NAMES]], 0)]
+        seeds = {r.get("seed") for r in ok}
+        cells += [str(len(seeds)), "; ".join(problems) or "ok"]
+        rows.append(cells)
+    return header, rows
+
+
+def _seed_scores(runs: list[dict], tasks: tuple[str, ...], task: str) -> dict:
+    """seed -> the task's dev score (its main metric, best epoch), over the runs that trained on exactly `tasks`."""
+    metric = TASKS[task].main_metric
+    return {r.get("seed"): score(r["best"], "dev", task, metric) for r in runs if _tasks(r) == tasks}
+
+
+def _tasks(run: dict) -> tuple[str, ...]:
+    """The tasks a run trained on, in canonical order (all three when it does not say)."""
+    named = run.get("tasks") or TASK_NAMES
+    return tuple(t for t in TASK_NAMES if t in named)
+
+
+def _signed(values: list[float]) -> str:
+    text = fmt(values)
+    return text if text == "-" or text.startswith("-") else "+" + text
