@@ -8,15 +8,28 @@ long run. `multitask_table`: each task's score trained alone beside trained with
 
 from __future__ import annotations
 
+import functools
 import math
 import statistics
+from pathlib import Path
+
+from omegaconf import OmegaConf
 
 from peft_lightning.tasks import TASK_NAMES, TASKS
+from peft_lightning.train import conf_dir
 
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
 WITH_TRAIN = {"epochs", "lora_rank"}
 WITH_COST = {"main", "peft_methods", "lora_targets"}  # tables that also show parameters, step time, memory
-IGNORED_KEYS = {"seed"}
+
+
+@functools.cache
+def ignored_keys() -> frozenset[str]:
+    """Overrides that are not a setting of a row: the seed (averaged over), and those that Hydra
+    leaves out of a run folder's name (conf/train.yaml's `exclude_keys`: where the data, the sweep
+    and the logs live, `budget.seeds`, the launcher), which a rerun or a resume may change."""
+    cfg = OmegaConf.load(Path(conf_dir()) / "train.yaml")
+    return frozenset(["seed", *cfg.hydra.job.config.override_dirname.exclude_keys])
 
 
 def overrides(run: dict) -> dict[str, str]:
@@ -31,7 +44,7 @@ def varying_keys(runs: list[dict]) -> list[str]:
     keys: list[str] = []
     for r in runs:
         for k in overrides(r):
-            if k not in keys and k not in IGNORED_KEYS:
+            if k not in keys and k not in ignored_keys():
                 keys.append(k)
     return [k for k in keys if len({overrides(r).get(k) for r in runs}) > 1] or keys[:1]
 

@@ -55,8 +55,11 @@ def test_report_tables(tmp_path):
     fake(root, "main", ["adapter=lora"], scores(0.45, 0.85, 0.6))
     fake(root, "main", ["adapter=prefix"], {}, status="failed", error="ValueError: boom")
     for seed, a in ((1, 0.40), (2, 0.44)):
-        fake(root, "lora_rank", ["adapter.rank=2", f"seed={seed}"], scores(a, 0.7, 0.5))
-        fake(root, "lora_rank", ["adapter.rank=8", f"seed={seed}"], scores(a + 0.1, 0.7, 0.5))
+        # seed 2 came from a later command (more seeds, the data elsewhere): overrides that Hydra
+        # leaves out of the run folder's name are no setting, so both seeds make one row
+        later = ["budget.seeds=[1,2]", "data.dir=/elsewhere", "sweep_root=mr"] if seed == 2 else []
+        fake(root, "lora_rank", ["adapter.rank=2", f"seed={seed}", *later], scores(a, 0.7, 0.5))
+        fake(root, "lora_rank", ["adapter.rank=8", f"seed={seed}", *later], scores(a + 0.1, 0.7, 0.5))
     hist = [
         {
             "epoch": e,
@@ -92,6 +95,7 @@ def test_report_tables(tmp_path):
     assert "**0.5000**" in full and "**0.8500**" in lora and "0.4500" in lora  # best per column in bold
     assert "failed: ValueError: boom" in next(r for r in main_rows if r.startswith("| prefix"))
     assert "| 100 | 150 | 12.5 | 900.0 |" in full  # params, step time, peak memory columns
+    assert "| adapter.rank | train sst5 acc |" in text  # the one setting column
     rank2 = next(line for line in text.splitlines() if line.startswith("| 2 |"))
     assert "0.4200 ± 0.0283" in rank2 and rank2.rstrip().endswith("| 2 | ok |")  # mean ± std over 2 seeds
     epochs_section = text.split("## Epoch budgets")[1].split("## ")[0]
