@@ -174,19 +174,15 @@ class _ArenaLinear(torch.autograd.Function):
             rp = site.wb.shape[1] - n
             z = mm_scaled(h, site.wa_t.narrow(1, o, rp), scale)  # (N, Rp): s h [A; 0]^T, zero beyond R
             hz = torch.cat([h, z], 1)  # (N, in + Rp)
-            y = (
-                torch.addmm(site.bias.narrow(0, 0, o), hz, site.wb.t())
-                if site.bias is not None
-                else torch.mm(hz, site.wb.t())
-            )
+            y = F.linear(hz, site.wb, _narrow(site.bias, o))
             z = z.narrow(1, 0, r)  # saved as s z: B's gradient g^T (s z) needs no scaling then
         elif contiguous_output:  # y = h W^T + b and z = h A^T apart: y comes out contiguous
             w_t, a_t = site.wa_t.narrow(1, 0, o), site.wa_t.narrow(1, o, r)
-            y = torch.addmm(site.bias.narrow(0, 0, o), h, w_t) if site.bias is not None else torch.mm(h, w_t)
+            y = F.linear(h, w_t.t(), _narrow(site.bias, o))
             z = torch.mm(h, a_t)  # its own storage: saved as it is
         else:
             # (N, O + Rp)
-            yz = torch.addmm(site.bias, h, site.wa_t) if site.bias is not None else torch.mm(h, site.wa_t)
+            yz = F.linear(h, site.wa_t.t(), site.bias)
             y, z = yz.narrow(1, 0, o), yz.narrow(1, o, r)
             z = z if keep_output else z.clone()
         if not fold:
@@ -230,6 +226,10 @@ class _ArenaLinear(torch.autograd.Function):
                 grad_x = torch.ops.aten.gelu_backward(grad_x, x2)
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, grad_a, grad_b, None, None, None, None, None, None
+
+
+def _narrow(bias: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if bias is None else bias.narrow(0, 0, n)
 
 
 def arena_linear(

@@ -12,13 +12,13 @@ by memory traffic; it is there to be run on one.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
-import statistics
-import time
 
 import torch
 
 from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
+from peft_lightning.bench import alternate
 from peft_lightning.ops import cast_packed
 
 SITES = {  # name: (outs, in, gelu, keep_output, contiguous_output)
@@ -58,24 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
     for rows in args.rows:
         for name in SITES:
             run = site_step(name, rows, device)
-            times: dict[bool, list[float]] = {False: [], True: []}
             for concat in (False, True):  # warm-up
                 run(concat)
-            for _ in range(args.repeats):
-                for concat in (False, True):
-                    sync()
-                    t0 = time.perf_counter()
-                    run(concat)
-                    sync()
-                    times[concat].append((time.perf_counter() - t0) * 1e3)
-            plain, folded = statistics.median(times[False]), statistics.median(times[True])
+            times = alternate({c: functools.partial(run, c) for c in (False, True)}, args.repeats, device)
+            plain, folded = times[False][0], times[True][0]  # medians of the whole step's ms
             print(json.dumps({"site": name, "device": args.device, "rows": rows, "plain_ms": round(plain, 3),
                               "concat_ms": round(folded, 3), "ratio": round(folded / plain, 3)}), flush=True)  # fmt: skip
 

@@ -40,6 +40,11 @@ def overrides(run: dict) -> dict[str, str]:
     return out
 
 
+def strategy(run: dict) -> str:
+    """The run's adapter: as results.json describes it, else its `adapter=` override."""
+    return (run.get("adapter") or {}).get("name") or overrides(run).get("adapter", "?")
+
+
 def varying_keys(runs: list[dict]) -> list[str]:
     keys: list[str] = []
     for r in runs:
@@ -148,7 +153,7 @@ def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     )
     rows = []
     for r in runs:
-        name = (r.get("adapter") or {}).get("name") or overrides(r).get("adapter", "?")
+        name = strategy(r)
         marks = ((r.get("config") or {}).get("budget") or {}).get("epoch_marks") or [
             h["epoch"] for h in r.get("history", [])
         ]
@@ -185,8 +190,7 @@ def multitask_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     header += ["avg alone", "avg together", "avg change", "wall s alone (3 runs)", "wall s together", "seeds", "status"]
     by_adapter: dict[str, list[dict]] = {}
     for r in runs:
-        name = overrides(r).get("adapter") or (r.get("adapter") or {}).get("name") or "?"
-        by_adapter.setdefault(name, []).append(r)
+        by_adapter.setdefault(strategy(r), []).append(r)
     rows = []
     for name in sorted(by_adapter):
         members = by_adapter[name]
