@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from peft_lightning.adapters import Frozen, Full, LoRA, Prefix
+from peft_lightning.adapters import DoRA, Frozen, Full, LoRA, Prefix
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.module import COMPILE_MODES, MultiTaskModule, store_frozen_in
 
@@ -63,6 +63,7 @@ CASES = {
     **STUDY_CASES,
     "lora_r8_no_arena": (LoRA, {"rank": 8, "arena": False}),  # the arena's effect (bf16, eager)
     "lora_r8_concat": (LoRA, {"rank": 8, "concat": True}),  # the concatenated form (compiled; eager: in the arena)
+    "dora_r8": (DoRA, {"rank": 8}),  # beyond the study: against PEFT's LoRA with use_dora
 }
 
 
@@ -154,9 +155,13 @@ def peft_model(case: str, hf, kwargs: dict):
         return hf.eval()
     if case == "full":
         return hf
-    if case.startswith("lora"):
+    if case.startswith(("lora", "dora")):
         cfg = peft.LoraConfig(
-            r=kwargs["rank"], lora_alpha=kwargs["rank"], target_modules="all-linear", lora_dropout=0.0
+            r=kwargs["rank"],
+            lora_alpha=kwargs["rank"],
+            target_modules="all-linear",
+            lora_dropout=0.0,
+            use_dora=case.startswith("dora"),
         )
         return peft.get_peft_model(hf, cfg)
     cfg = peft.PrefixTuningConfig(

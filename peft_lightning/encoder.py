@@ -53,7 +53,7 @@ class BertSelfAttention(nn.Module):
 
     def fused_loras(self) -> tuple | None:
         """The three LoRA layers when q, k, v are all LoRA and can share one product (see `project_qkv`)."""
-        loras = [m for m in (self.query, self.key, self.value) if hasattr(m, "lora_A")]
+        loras = [m for m in (self.query, self.key, self.value) if getattr(m, "shares_qkv_product", False)]
         if (
             self.fuse_qkv
             and len(loras) == 3
@@ -67,15 +67,19 @@ class BertSelfAttention(nn.Module):
         """q, k, v projections; one GEMM for the three (and one for their LoRA A's) when fusable.
 
         The three layers share their input, so [Wq; Wk; Wv] x is one (3h x h) product instead of
-        three; with LoRA, [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
-        back to the three modules when they differ in kind (LoRA on some only), use LoRA dropout or
-        rescale their input ((IA)^3 feed-forward targets); (IA)^3 output scales are one multiply.
+        three; with LoRA (or DoRA), [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
+        back to the three modules when they differ in kind (LoRA on some only), use LoRA dropout,
+        rescale their input ((IA)^3 feed-forward targets) or have a forward of their own; (IA)^3
+        output scales are one multiply, DoRA's magnitudes one addcmul.
         `cast_qkv`, when the adapter has set it for this pass, holds those two matrices already in
         the autocast dtype, or their place in LoRA's `Arena` (then [Wq; Wk; Wv; A] x is one GEMM).
         """
         mods = (self.query, self.key, self.value)
         loras = self.fused_loras()
-        per_module = any(hasattr(m, "lora_A") or getattr(m, "feedforward", False) for m in mods)
+        # a plain layer, or one that only rescales its output ((IA)^3), can share the stacked GEMM
+        per_module = any(
+            not isinstance(m, nn.Linear) and (not hasattr(m, "output_scale") or m.feedforward) for m in mods
+        )
         if not self.fuse_qkv or (loras is None and per_module):
             return self.query(h), self.key(h), self.value(h)
         if loras and isinstance(self.cast_qkv, ArenaCast):
@@ -88,7 +92,11 @@ class BertSelfAttention(nn.Module):
             else:
                 a = torch.cat([m.lora_A for m in loras])  # (3r, hidden)
                 b = torch.block_diag(*[m.lora_B for m in loras])  # (3 hidden, 3r)
-            out = low_rank_linear(h, weight, bias, a, b, loras[0].scale, concat=loras[0].concat)
+            # DoRA: each output row times m / ||W + g B A||, then the bias (one addcmul for the three)
+            factors = [m.factor() for m in loras] if hasattr(loras[0], "factor") else None
+            out = low_rank_linear(h, weight, None if factors else bias, a, b, loras[0].scale, concat=loras[0].concat)
+            if factors:
+                out = torch.addcmul(bias.to(out.dtype), out, torch.cat(factors).to(out.dtype))
         else:
             out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
             scales = [m.output_scale() if hasattr(m, "output_scale") else None for m in mods]

@@ -40,6 +40,15 @@ def test_bench_prints_one_line_per_impl_with_ratios(tmp_path, capsys):
     assert rows[2]["ops_per_step"] < rows[0]["ops_per_step"]  # frozen: no encoder backward at all
 
 
+def test_bench_dora_case_against_peft_dora(capsys):
+    argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8", "--no-vs-full"]
+    bench.main([*argv, "--cases", "dora_r8", "--steps", "1", "--warmup", "1"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")][1:]
+    assert [(r["case"], r["impl"]) for r in rows] == [("dora_r8", "ours"), ("dora_r8", "hf_peft")]
+    # LoRA's 14,336 and a magnitude per output row (2 x (4 x 64 + 128 + 64)), counted alike in PEFT's model
+    assert rows[0]["encoder_trainable"] == rows[1]["encoder_trainable"] == 14336 + 896
+
+
 def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     """The GPU path's bf16 step on CPU: LoRA's A and B arrive cast in a few ops, so a LoRA step
     dispatches fewer ops than a full fine-tuning step of the same model."""

@@ -25,7 +25,7 @@ def test_every_option_composes(group, option, tmp_path):
 
 
 def test_expected_options_exist():
-    assert {"frozen", "full", "lora", "prefix", "ia3"} <= set(GROUPS["adapter"])
+    assert {"frozen", "full", "lora", "prefix", "ia3", "dora"} <= set(GROUPS["adapter"])
     assert {"paper", "quick", "smoke"} <= set(GROUPS["budget"])
     assert {
         "main",
@@ -59,7 +59,7 @@ def test_defaults_are_the_studys():
         ("prefix_length", {"adapter.length": "1,2,4,8"}),
         ("prefix_mlp", {"adapter.mlp": "true,false", "adapter.length": "2,4,8"}),
         ("epochs", {"adapter": "full,lora,prefix"}),
-        ("peft_methods", {"adapter": "frozen,full,lora,prefix,ia3"}),
+        ("peft_methods", {"adapter": "frozen,full,lora,prefix,ia3,dora"}),
     ],
 )
 def test_experiments_hold_their_sweeps(study, expected):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import compose, tiny_overrides
 
-from peft_lightning.adapters import IA3, Full, LoRA, Prefix
+from peft_lightning.adapters import IA3, DoRA, Full, LoRA, Prefix
 from peft_lightning.backbone import load_backbone
 from peft_lightning.data import MultiTaskDataModule
 from peft_lightning.heads import build_heads
@@ -18,7 +18,7 @@ from peft_lightning.module import MultiTaskModule
 from peft_lightning.tasks import get_tasks
 from peft_lightning.train import train
 
-ADAPTERS = ["frozen", "full", "lora", "prefix", "ia3"]
+ADAPTERS = ["frozen", "full", "lora", "prefix", "ia3", "dora"]
 
 
 def test_head_shapes():
@@ -314,10 +314,11 @@ def test_bad_numbers_are_config_errors_naming_the_option(tiny_model_dir, data_di
     [
         (lambda: LoRA(rank=2), {"lora_A", "lora_B"}),
         (lambda: IA3(), {"ia3_l"}),
+        (lambda: DoRA(rank=2), {"lora_A", "lora_B", "magnitude"}),
         (lambda: Prefix(2, mlp=False), {"prefix"}),
         (lambda: Full(), set()),
     ],
-    ids=["lora", "ia3", "prefix", "full"],
+    ids=["lora", "ia3", "dora", "prefix", "full"],
 )
 def test_adapter_parameters_get_the_adapter_lr(tiny_model_dir, make, adapter_names):
     bb = load_backbone(str(tiny_model_dir), "mean")

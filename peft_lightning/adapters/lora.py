@@ -68,6 +68,7 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return self._saved_weight is not None
 
+    shares_qkv_product = True  # q, k and v LoRA layers alike may be one product (`BertSelfAttention.project_qkv`)
     takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
@@ -118,6 +119,25 @@ def lora_scale(scaling: str, alpha: float, rank: int) -> float:
     raise ValueError(f"adapter.scaling={scaling!r} is unknown; expected one of {list(SCALINGS)}")
 
 
+def low_rank_options(adapter, rank, targets, scaling, alpha, dropout, include_pooler) -> None:
+    """Check LoRA's (and DoRA's) options and set them on the adapter: rank, targets, scaling, alpha,
+    scale (g), dropout_p, include_pooler."""
+    if not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"adapter.rank must be an integer >= 1, got {rank!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
+    if include_pooler not in ("auto", True, False):
+        raise ValueError(f"adapter.include_pooler must be auto, true or false, got {include_pooler!r}")
+    adapter.rank, adapter.scaling, adapter.alpha, adapter.dropout_p = rank, scaling, float(alpha), dropout
+    adapter.scale = lora_scale(scaling, adapter.alpha, rank)
+    adapter.targets = list(targets) if not isinstance(targets, str) else [targets]
+    adapter.include_pooler = include_pooler
+
+
+def pooler_targetable(encoder: BertEncoder, include_pooler: bool | str) -> bool:
+    return encoder.pooler is not None if include_pooler == "auto" else bool(include_pooler)
+
+
 class LoRA(LayerAdapter):
     """LoRA on the encoder's linear layers; everything else in the encoder is frozen.
 
@@ -150,16 +170,7 @@ class LoRA(LayerAdapter):
         concat: bool = False,
     ):
         super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"adapter.rank must be an integer >= 1, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
-        if include_pooler not in ("auto", True, False):
-            raise ValueError(f"adapter.include_pooler must be auto, true or false, got {include_pooler!r}")
-        self.rank, self.scaling, self.alpha, self.dropout_p = rank, scaling, float(alpha), dropout
-        self.scale = lora_scale(scaling, self.alpha, rank)
-        self.targets = list(targets) if not isinstance(targets, str) else [targets]
-        self.include_pooler = include_pooler
+        low_rank_options(self, rank, targets, scaling, alpha, dropout, include_pooler)
         self.use_arena = bool(arena)
         self.concat = bool(concat)
         self.layers: list[LoRALinear] = []  # plain list: the modules live in the encoder
@@ -171,8 +182,7 @@ class LoRA(LayerAdapter):
 
     def attach(self, encoder: BertEncoder) -> None:
         freeze(encoder)
-        pooler = encoder.pooler is not None if self.include_pooler == "auto" else bool(self.include_pooler)
-        chosen = self.select(encoder, self.targets, pooler)
+        chosen = self.select(encoder, self.targets, pooler_targetable(encoder, self.include_pooler))
 
         def make(name: str, layer: nn.Linear) -> LoRALinear:
             wrapped = LoRALinear(layer, self.rank, self.scale, self.dropout_p)

@@ -1,0 +1,189 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, arXiv:2402.09353).
+
+Each target's weight is split into a magnitude (one number a row) and a direction, and LoRA
+adapts the direction:
+
+    W' = m * (W + g B A) / ||W + g B A||,     y = W' x + b,   A: (r, in), B: (out, r), m: (out,)
+
+with the norm taken over each row (an output's weights). m starts at ||W||, B at zero, so the
+wrapped model starts out identical to the pretrained one. As the paper (its section 4.3) and PEFT
+do, the norm is a constant to backward: it follows B A in the forward pass but passes no gradient.
+The rank, targets, scaling g, alpha, dropout and pooler options are LoRA's (`adapter=dora` takes
+them all, PEFT's `LoraConfig(use_dora=True)` is the same adapter); with dropout, the low-rank
+branch and the magnitude's rescaling see the dropped input as in PEFT:
+y = W x + b + (m / n - 1) W d + (m / n) g B A d, d = dropout(x).
+
+W' is never formed while training: y = (m / n) (W x + g B (A x)) + b, and the squared row norms
+come from a rank-r product instead of a (out, in) sum:
+||W + g B A||^2 = ||W||^2 + 2 g rowsum(B * (W A^T)) + g^2 rowsum((B A A^T) * B),
+with ||W||^2 kept until W changes, and the norms computed once a step, not once an encoder pass. Merging writes W' into W, as PEFT does; unmerging restores the
+exact frozen weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_lightning.adapters.base import LayerAdapter, freeze
+from peft_lightning.adapters.lora import low_rank_options, pooler_targetable
+from peft_lightning.encoder import BertEncoder
+from peft_lightning.ops import Dropout, low_rank_linear
+
+
+class DoRALinear(nn.Module):
+    """A frozen `nn.Linear` as trainable magnitude times a LoRA-adapted direction.
+
+    Args:
+        base: the linear layer to wrap (kept inside, frozen).
+        rank: r >= 1.
+        scale: g, the multiplier of the low-rank update.
+        dropout: dropout on the adapted path's input (see the module docstring).
+    """
+
+    def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
+        super().__init__()
+        self.base = base
+        freeze(base)
+        self.rank, self.scale = rank, scale
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
+        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.detach().float(), dim=1).to(w.dtype))
+        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._saved_weight: torch.Tensor | None = None
+        self._w_sq: tuple[tuple, torch.Tensor] | None = None  # (W's identity, its squared row norms)
+        self.keep_norm = False  # set by DoRA for one step's passes: weight_norm() is computed once
+        self._norm: torch.Tensor | None = None
+
+    @property
+    def merged(self) -> bool:
+        return self._saved_weight is not None
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W + g B A|| of each row, in fp32, without gradient. Inside `DoRA.compute_dtype_weights`
+        (one step's encoder passes: SST-5 and both sentences of QQP and STS-B, the same weights) it is
+        computed once and kept until the context ends."""
+        w, a, b = self.base.weight, self.lora_A, self.lora_B
+        if torch.compiler.is_compiling():  # no cache in a graph: Inductor fuses the sums into the reads
+            return self._weight_norm(w, a, b, torch.linalg.vector_norm(w.float(), dim=1).square())
+        if self._norm is not None:
+            return self._norm
+        w_key = (w.data_ptr(), w._version, w.dtype, w.device)  # W is frozen: it changes by merge or load
+        if self._w_sq is None or self._w_sq[0] != w_key:
+            with torch.no_grad():
+                self._w_sq = (w_key, torch.linalg.vector_norm(w.float(), dim=1).square())
+        norm = self._weight_norm(w, a, b, self._w_sq[1])
+        if self.keep_norm:
+            self._norm = norm
+        return norm
+
+    def _weight_norm(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_sq: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+            a, b = a.float(), b.float()
+            cross = (b * (w.float() @ a.T)).sum(1)  # rowsum(B * (W A^T))
+            own = ((b @ (a @ a.T)) * b).sum(1)  # rowsum((B A A^T) * B) = ||B A||^2 by rows
+            return (w_sq + 2 * self.scale * cross + self.scale**2 * own).clamp_min(0).sqrt()
+
+    def factor(self) -> torch.Tensor:
+        """m / ||W + g B A||: the number each output row is multiplied by."""
+        return self.magnitude / self.weight_norm()
+
+    shares_qkv_product = True  # q, k, v: one product, then `factor()` (`BertSelfAttention.project_qkv`)
+    concat = False
+    takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        w, bias, a, b = self.base.weight, self.base.bias, self.lora_A, self.lora_B
+        if not self.merged and (isinstance(self.dropout, nn.Identity) or not self.training):
+            y = low_rank_linear(x, w, None, a, b, self.scale, gelu)  # W x + g B A x: LoRA's layer, no bias
+            f = self.factor().to(y.dtype)
+            return y * f if bias is None else torch.addcmul(bias.to(y.dtype), y, f)  # one pass: f y + b
+        x = F.gelu(x) if gelu else x
+        if self.merged:
+            return self.base(x)
+        d = self.dropout(x)
+        wd = F.linear(d, w)
+        f = self.factor().to(wd.dtype)
+        return self.base(x) + (f - 1) * wd + f * (self.scale * F.linear(F.linear(d, a), b))
+
+    def delta_weight(self) -> torch.Tensor:
+        """W' - W."""
+        w = self.base.weight
+        merged = self.factor()[:, None] * (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float()))
+        return merged - w.float()
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if self.base.weight.dtype in (torch.bfloat16, torch.float16):
+            return  # as LoRA: a 16-bit frozen weight would round the update; stay unmerged
+        delta = self.delta_weight()
+        self._saved_weight = self.base.weight.detach().clone()
+        self.base.weight.add_(delta.to(self.base.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._saved_weight)
+        self._saved_weight = None
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, scale={self.scale:g}"
+
+
+class DoRA(LayerAdapter):
+    """DoRA on the encoder's linear layers; everything else in the encoder is frozen.
+
+    Args: LoRA's `rank`, `targets`, `scaling`, `alpha`, `dropout` and `include_pooler` (see `LoRA`).
+    """
+
+    name = "dora"
+
+    def __init__(
+        self,
+        rank: int = 8,
+        targets: list[str] | str = "all",
+        scaling: str = "fixed",
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        include_pooler: bool | str = "auto",
+    ):
+        super().__init__()
+        low_rank_options(self, rank, targets, scaling, alpha, dropout, include_pooler)
+        self.layers: list[DoRALinear] = []  # plain list: the modules live in the encoder
+        self.target_names: list[str] = []
+
+    def attach(self, encoder: BertEncoder) -> None:
+        freeze(encoder)
+        chosen = self.select(encoder, self.targets, pooler_targetable(encoder, self.include_pooler))
+        self.wrap(encoder, chosen, lambda name, layer: DoRALinear(layer, self.rank, self.scale, self.dropout_p))
+        self.target_names = chosen
+
+    @contextlib.contextmanager
+    def compute_dtype_weights(self):
+        """One step's encoder passes: each layer's weight norm is computed once for all of them
+        (A and B do not change within a step)."""
+        for m in self.layers:
+            m.keep_norm = True
+        try:
+            yield
+        finally:
+            for m in self.layers:
+                m.keep_norm, m._norm = False, None
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "rank": self.rank,
+            "scaling": self.scaling,
+            "alpha": self.alpha,
+            "targets": self.target_names,
+        }
