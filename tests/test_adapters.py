@@ -109,6 +109,18 @@ def test_lora_on_16_bit_frozen_weights_stays_unmerged():
     randomise_lora(ours)
     for layer in adapter.layers:
         layer.lora_B.data *= 1e-3  # a typical early-training update: far below bf16's resolution of W
+    assert_stays_unmerged_in_16_bit(adapter, ours)
+    # what merging would have done: the rounded W + dW loses most of dW
+    layer = adapter.layers[0]
+    exact = layer.base.weight.float() + layer.delta_weight()
+    rounded = (layer.base.weight + layer.delta_weight().to(torch.bfloat16)).float()
+    kept = ((rounded - layer.base.weight.float()) - layer.delta_weight()).norm() / layer.delta_weight().norm()
+    assert kept > 0.3 and not torch.equal(rounded, exact)
+
+
+def assert_stays_unmerged_in_16_bit(adapter, ours) -> None:
+    """With the frozen weights in bf16 (the GPU fast path), merging does nothing and changes nothing."""
+    for layer in adapter.layers:
         layer.base.weight.data = layer.base.weight.data.to(torch.bfloat16)
     ids, mask, types = inputs()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -116,12 +128,6 @@ def test_lora_on_16_bit_frozen_weights_stays_unmerged():
         adapter.merge()
         assert not any(m.merged for m in adapter.layers)
         assert torch.equal(ours(ids, mask, types), unmerged)
-    # what merging would have done: the rounded W + dW loses most of dW
-    layer = adapter.layers[0]
-    exact = layer.base.weight.float() + layer.delta_weight()
-    rounded = (layer.base.weight + layer.delta_weight().to(torch.bfloat16)).float()
-    kept = ((rounded - layer.base.weight.float()) - layer.delta_weight()).norm() / layer.delta_weight().norm()
-    assert kept > 0.3 and not torch.equal(rounded, exact)
 
 
 def bert_base_encoder(pooler: bool = True) -> BertEncoder:
@@ -466,15 +472,9 @@ def test_dora_merges_exactly_and_stays_unmerged_in_16_bit():
     adapter.attach(ours)
     randomise_dora(ours)
     assert_merges_exactly(adapter, ours)
-    for layer in adapter.layers:
-        layer.base.weight.data = layer.base.weight.data.to(torch.bfloat16)
-    ids, mask, types = inputs()
+    assert_stays_unmerged_in_16_bit(adapter, ours)
+    layer = adapter.layers[0]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        unmerged = ours(ids, mask, types)
-        adapter.merge()
-        assert not any(m.merged for m in adapter.layers)
-        assert torch.equal(ours(ids, mask, types), unmerged)
-        layer = adapter.layers[0]
         assert layer(torch.randn(2, layer.base.in_features)).dtype == torch.bfloat16  # not promoted by m / n
 
 

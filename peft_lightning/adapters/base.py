@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 
+import torch
 from torch import nn
 
 from peft_lightning.encoder import BertEncoder, PrefixKV
@@ -122,3 +123,38 @@ class LayerAdapter(Adapter):
     def unmerge(self) -> None:
         for layer in self.layers:
             layer.unmerge()
+
+
+class MergeableLinear(nn.Module):
+    """A wrapper around a frozen linear layer `base` whose update `delta_weight()` (W' - W, in fp32)
+    can be written into W for inference (`merge`) and taken out exactly (`unmerge`): LoRA, DoRA."""
+
+    base: nn.Linear
+    _saved_weight: torch.Tensor | None = None
+
+    @property
+    def merged(self) -> bool:
+        return self._saved_weight is not None
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if self.merged:
+            return
+        if self.base.weight.dtype in (torch.bfloat16, torch.float16):
+            # A frozen weight kept in 16 bits (the GPU fast path) would round most of the update away:
+            # |dW| is often below half an ulp of |W|. Stay unmerged; the update is computed apart.
+            return
+        delta = self.delta_weight()
+        # Keep the exact frozen weight: unmerge restores it bit for bit (W + dW - dW would not).
+        self._saved_weight = self.base.weight.detach().clone()
+        self.base.weight.add_(delta.to(self.base.weight.dtype))
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if not self.merged:
+            return
+        self.base.weight.copy_(self._saved_weight)
+        self._saved_weight = None

@@ -29,13 +29,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, freeze
+from peft_lightning.adapters.base import LayerAdapter, MergeableLinear, freeze
 from peft_lightning.adapters.lora import low_rank_options, pooler_targetable
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.ops import Dropout, low_rank_linear
 
 
-class DoRALinear(nn.Module):
+class DoRALinear(MergeableLinear):
     """A frozen `nn.Linear` as trainable magnitude times a LoRA-adapted direction.
 
     Args:
@@ -60,10 +60,6 @@ class DoRALinear(nn.Module):
         self._w_sq: tuple[tuple, torch.Tensor] | None = None  # (W's identity, its squared row norms)
         self.keep_norm = False  # set by DoRA for one step's passes: weight_norm() is computed once
         self._norm: torch.Tensor | None = None
-
-    @property
-    def merged(self) -> bool:
-        return self._saved_weight is not None
 
     def weight_norm(self) -> torch.Tensor:
         """||W + g B A|| of each row, in fp32, without gradient. Inside `DoRA.compute_dtype_weights`
@@ -117,23 +113,6 @@ class DoRALinear(nn.Module):
         w = self.base.weight
         merged = self.factor()[:, None] * (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float()))
         return merged - w.float()
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        if self.base.weight.dtype in (torch.bfloat16, torch.float16):
-            return  # as LoRA: a 16-bit frozen weight would round the update; stay unmerged
-        delta = self.delta_weight()
-        self._saved_weight = self.base.weight.detach().clone()
-        self.base.weight.add_(delta.to(self.base.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base.weight.copy_(self._saved_weight)
-        self._saved_weight = None
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"

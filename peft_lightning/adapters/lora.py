@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, freeze, matches
+from peft_lightning.adapters.base import LayerAdapter, MergeableLinear, freeze, matches
 from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
 from peft_lightning.encoder import BertEncoder, BertSelfAttention
 from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, low_rank_linear
@@ -33,7 +33,7 @@ from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, l
 SCALINGS = ("fixed", "alpha_over_r", "rslora")
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(MergeableLinear):
     """A frozen `nn.Linear` plus a trainable low-rank update.
 
     Args:
@@ -64,10 +64,6 @@ class LoRALinear(nn.Module):
         self.output_to_gelu = False  # the output goes to GELU: the arena makes it contiguous (see arena_linear)
         self.concat = False  # the concatenated form (see ops.low_rank_linear and arena._ArenaLinear)
 
-    @property
-    def merged(self) -> bool:
-        return self._saved_weight is not None
-
     shares_qkv_product = True  # q, k and v LoRA layers alike may be one product (`BertSelfAttention.project_qkv`)
     takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
 
@@ -85,25 +81,6 @@ class LoRALinear(nn.Module):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale  # (out, in)
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if self.merged:
-            return
-        if self.base.weight.dtype in (torch.bfloat16, torch.float16):
-            # A frozen weight kept in 16 bits (the GPU fast path) would round most of B A away:
-            # |dW| is often below half an ulp of |W|. Stay unmerged; the branch is computed apart.
-            return
-        # Keep the exact frozen weight: unmerge restores it bit for bit (W + dW - dW would not).
-        self._saved_weight = self.base.weight.detach().clone()
-        self.base.weight.add_(self.delta_weight().to(self.base.weight.dtype))
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if not self.merged:
-            return
-        self.base.weight.copy_(self._saved_weight)
-        self._saved_weight = None
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}, scale={self.scale:g}"
