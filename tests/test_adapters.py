@@ -432,6 +432,10 @@ def test_dora_weight_norm_is_the_norm_of_the_adapted_weight():
         m.base.weight.mul_(2)  # a changed frozen weight (a load): its cached ||W||^2 is not reused
         direct = torch.linalg.vector_norm(m.base.weight + m.scale * m.lora_B @ m.lora_A, dim=1)
         assert torch.allclose(m.weight_norm(), direct, rtol=1e-5)
+        m.base.weight.data = m.base.weight.data.to(torch.bfloat16)  # the GPU fast path's storage
+        direct = torch.linalg.vector_norm(m.base.weight.float() + m.scale * m.lora_B @ m.lora_A, dim=1)
+        assert m.weight_norm().dtype == torch.float32
+        assert torch.allclose(m.weight_norm(), direct, rtol=1e-3)
 
 
 def test_dora_norms_are_computed_once_a_step_and_follow_the_optimizer(monkeypatch):

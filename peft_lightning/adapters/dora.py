@@ -81,8 +81,11 @@ class DoRALinear(MergeableLinear):
 
     def _weight_norm(self, w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, w_sq: torch.Tensor) -> torch.Tensor:
         with torch.no_grad(), torch.autocast(w.device.type, enabled=False):
+            # W A^T in W's dtype (a bf16 W is not copied to fp32 each step; fp32 accumulation, and
+            # this term is small beside ||W||^2), the rest in fp32
+            wa = (a.to(w.dtype) @ w.T).float().T
             a, b = a.float(), b.float()
-            cross = (b * (w.float() @ a.T)).sum(1)  # rowsum(B * (W A^T))
+            cross = (b * wa).sum(1)  # rowsum(B * (W A^T))
             own = ((b @ (a @ a.T)) * b).sum(1)  # rowsum((B A A^T) * B) = ||B A||^2 by rows
             return (w_sq + 2 * self.scale * cross + self.scale**2 * own).clamp_min(0).sqrt()
 
