@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_encoder import inputs, pair
+from test_encoder import assert_encodes_like, inputs, pair
 from transformers import BertConfig
 
 from peft_lightning.adapters import IA3, DoRA, DoRALinear, Frozen, Full, IA3Linear, LoRA, LoRALinear, Prefix
@@ -63,15 +63,7 @@ def test_lora_equals_peft(targets, scaling, peft_targets, peft_alpha, rs):
     n = copy_lora_into_peft(ours, pm)
     peft_names = {k for k, m in pm.named_modules() if hasattr(m, "lora_A") and "default" in getattr(m, "lora_A", {})}
     assert n == len(peft_names) == len(adapter.target_names)
-    ids, mask, types = inputs()
-    ref = pm(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    h = ours(ids, mask, types)
-    real = mask.bool()
-    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
-    assert torch.allclose(ours.pool(h, mask, "pooler"), ref.pooler_output, atol=1e-5)
-    # the update really is in use
-    plain = pair()[1](ids, mask, types)
-    assert (plain[real] - h[real]).abs().max() > 1e-2
+    assert_encodes_like(ours, pm, adapted=True)
 
 
 @torch.no_grad()
@@ -313,13 +305,7 @@ def test_ia3_equals_peft(targets, feedforward, fuse_qkv):
             copied += 1
     peft_layers = [n for n, m in pm.named_modules() if "default" in getattr(m, "ia3_l", {})]
     assert copied == len(adapter.target_names) == len(peft_layers) == (8 if feedforward else 6)  # tiny: 2 layers
-    ids, mask, types = inputs()
-    ref = pm(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    h = ours(ids, mask, types)
-    real = mask.bool()
-    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
-    plain = pair()[1](ids, mask, types)
-    assert (plain[real] - h[real]).abs().max() > 1e-2  # the vectors really are in use
+    assert_encodes_like(ours, pm, adapted=True)
 
 
 @torch.no_grad()
@@ -377,7 +363,6 @@ def test_dora_equals_peft_forward_and_gradients(targets, scaling, peft_targets, 
         m.fuse_qkv = fuse_qkv
     assert all((m.fused_loras() is not None) == (fuse_qkv and targets == ["all"]) for m in attentions)
     ids, mask, types = inputs()
-    real = mask.bool()
     with torch.no_grad():  # magnitude ||W||, B = 0: the base model
         assert torch.allclose(ours(ids, mask, types), pair()[1](ids, mask, types), atol=1e-6)
     randomise_dora(ours)
@@ -399,11 +384,7 @@ def test_dora_equals_peft_forward_and_gradients(targets, scaling, peft_targets, 
         == len(adapter.target_names)
         == len([n for n, m in pm.named_modules() if "default" in getattr(m, "lora_magnitude_vector", {})])
     )
-    h = ours(ids, mask, types)
-    ref = pm(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
-    assert torch.allclose(ours.pool(h, mask, "pooler"), ref.pooler_output, atol=1e-5)
-    assert (pair()[1](ids, mask, types)[real] - h[real]).abs().max() > 1e-2  # the update really is in use
+    h, ref = assert_encodes_like(ours, pm, adapted=True)
     # the same gradients, the norm a constant to backward in both
     weights = torch.randn(h.shape, generator=torch.Generator().manual_seed(2)) * mask[..., None]
     ((h * weights).sum() + ours.pool(h, mask, "pooler").sum()).backward()

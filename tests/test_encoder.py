@@ -42,15 +42,26 @@ def inputs(B: int = 3, T: int = 9, seed: int = 1):
     return ids, mask, types
 
 
-@torch.no_grad()
-def test_parity_with_transformers_bert():
-    hf, ours = pair()
+def assert_encodes_like(ours: BertEncoder, reference, adapted: bool = False):
+    """Our encoder's hidden states (real tokens) and pooler output equal `reference`'s (a BertModel,
+    or a PEFT model around one) on `inputs()`; with `adapted`, they also differ from the plain
+    encoder's (the adapter is in use). Returns our hidden states and the reference's output."""
     ids, mask, types = inputs()
-    ref = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    ref = reference(input_ids=ids, attention_mask=mask, token_type_ids=types)
     h = ours(ids, mask, types)
     real = mask.bool()
     assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
     assert torch.allclose(ours.pool(h, mask, "pooler"), ref.pooler_output, atol=1e-5)
+    if adapted:
+        with torch.no_grad():
+            assert (pair()[1](ids, mask, types)[real] - h[real]).abs().max() > 1e-2
+    return h, ref
+
+
+@torch.no_grad()
+def test_parity_with_transformers_bert():
+    hf, ours = pair()
+    assert_encodes_like(ours, hf)
 
 
 @torch.no_grad()
