@@ -72,6 +72,12 @@ def score(entry: dict | None, part: str, task: str, metric: str) -> float | None
     return ((entry or {}).get(part) or {}).get(task, {}).get(metric)
 
 
+def complete(members: list[dict]) -> tuple[list[dict], list[str]]:
+    """The complete runs (with a best epoch), and a "status: error" line for each of the others."""
+    ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
+    return ok, [f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in members if r not in ok]
+
+
 def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]], list[list[float | None]]]:
     """Header, formatted rows, and the numeric means behind them (for bolding and plots)."""
     keys = varying_keys(runs)
@@ -86,8 +92,7 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
     rows, numbers = [], []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])):
-        ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
-        bad = [r for r in members if r not in ok]
+        ok, problems = complete(members)
         cells, nums = list(key), []
         for p in parts:
             for t, m in METRICS:
@@ -108,10 +113,7 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
             for vals in (steady, [r.get("peak_memory_mb") for r in ok]):
                 cells.append(fmt(vals, 1))
                 nums.append(None)
-        status = (
-            "ok" if not bad else "; ".join(f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in bad)
-        )
-        cells += [str(len(ok)), status]
+        cells += [str(len(ok)), "; ".join(problems) or "ok"]
         rows.append(cells)
         numbers.append(nums)
     return header, rows, numbers
@@ -194,8 +196,7 @@ def multitask_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
     rows = []
     for name in sorted(by_adapter):
         members = by_adapter[name]
-        ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
-        problems = [f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in members if r not in ok]
+        ok, problems = complete(members)
 
         cells = [name]
         alone_by_seed: dict = {}  # seed -> the tasks' scores, for the avg's paired change

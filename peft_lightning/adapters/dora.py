@@ -16,8 +16,8 @@ y = W x + b + (m / n - 1) W d + (m / n) g B A d, d = dropout(x).
 W' is never formed while training: y = (m / n) (W x + g B (A x)) + b, and the squared row norms
 come from a rank-r product instead of a (out, in) sum:
 ||W + g B A||^2 = ||W||^2 + 2 g rowsum(B * (W A^T)) + g^2 rowsum((B A A^T) * B),
-with ||W||^2 kept until W changes, and the norms computed once a step, not once an encoder pass. Merging writes W' into W, as PEFT does; unmerging restores the
-exact frozen weights.
+with ||W||^2 kept until W changes, and the norms computed once a step, not once an encoder pass.
+Merging writes W' into W, as PEFT does; unmerging restores the exact frozen weights.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, MergeableLinear, freeze
-from peft_lightning.adapters.lora import low_rank_options, pooler_targetable
+from peft_lightning.adapters.base import MergeableLinear, freeze
+from peft_lightning.adapters.lora import LowRankAdapter
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.ops import Dropout, low_rank_linear
 
@@ -56,7 +56,6 @@ class DoRALinear(MergeableLinear):
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
         self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.detach().float(), dim=1).to(w.dtype))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._saved_weight: torch.Tensor | None = None
         self._w_sq: tuple[tuple, torch.Tensor] | None = None  # (W's identity, its squared row norms)
         self.keep_norm = False  # set by DoRA for one step's passes: weight_norm() is computed once
         self._norm: torch.Tensor | None = None
@@ -121,31 +120,17 @@ class DoRALinear(MergeableLinear):
         return f"rank={self.rank}, scale={self.scale:g}"
 
 
-class DoRA(LayerAdapter):
+class DoRA(LowRankAdapter):
     """DoRA on the encoder's linear layers; everything else in the encoder is frozen.
 
-    Args: LoRA's `rank`, `targets`, `scaling`, `alpha`, `dropout` and `include_pooler` (see `LoRA`).
+    Args: LoRA's `rank`, `targets`, `scaling`, `alpha`, `dropout` and `include_pooler` (see
+    `LowRankAdapter`).
     """
 
     name = "dora"
 
-    def __init__(
-        self,
-        rank: int = 8,
-        targets: list[str] | str = "all",
-        scaling: str = "fixed",
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        include_pooler: bool | str = "auto",
-    ):
-        super().__init__()
-        low_rank_options(self, rank, targets, scaling, alpha, dropout, include_pooler)
-        self.layers: list[DoRALinear] = []  # plain list: the modules live in the encoder
-        self.target_names: list[str] = []
-
     def attach(self, encoder: BertEncoder) -> None:
-        freeze(encoder)
-        chosen = self.select(encoder, self.targets, pooler_targetable(encoder, self.include_pooler))
+        chosen = self.choose_targets(encoder)
         self.wrap(encoder, chosen, lambda name, layer: DoRALinear(layer, self.rank, self.scale, self.dropout_p))
         self.target_names = chosen
 
@@ -160,12 +145,3 @@ class DoRA(LayerAdapter):
         finally:
             for m in self.layers:
                 m.keep_norm, m._norm = False, None
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "scaling": self.scaling,
-            "alpha": self.alpha,
-            "targets": self.target_names,
-        }

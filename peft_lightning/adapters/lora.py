@@ -57,7 +57,6 @@ class LoRALinear(MergeableLinear):
         )
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._saved_weight: torch.Tensor | None = None
         # set by LoRA for one pass: (A, B) in the autocast dtype, or the layer's place in an Arena
         self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
         self.output_kept = False  # the consumer saves this layer's output for its backward (see arena_linear)
@@ -96,35 +95,62 @@ def lora_scale(scaling: str, alpha: float, rank: int) -> float:
     raise ValueError(f"adapter.scaling={scaling!r} is unknown; expected one of {list(SCALINGS)}")
 
 
-def low_rank_options(adapter, rank, targets, scaling, alpha, dropout, include_pooler) -> None:
-    """Check LoRA's (and DoRA's) options and set them on the adapter: rank, targets, scaling, alpha,
-    scale (g), dropout_p, include_pooler."""
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"adapter.rank must be an integer >= 1, got {rank!r}")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
-    if include_pooler not in ("auto", True, False):
-        raise ValueError(f"adapter.include_pooler must be auto, true or false, got {include_pooler!r}")
-    adapter.rank, adapter.scaling, adapter.alpha, adapter.dropout_p = rank, scaling, float(alpha), dropout
-    adapter.scale = lora_scale(scaling, adapter.alpha, rank)
-    adapter.targets = list(targets) if not isinstance(targets, str) else [targets]
-    adapter.include_pooler = include_pooler
-
-
-def pooler_targetable(encoder: BertEncoder, include_pooler: bool | str) -> bool:
-    return encoder.pooler is not None if include_pooler == "auto" else bool(include_pooler)
-
-
-class LoRA(LayerAdapter):
-    """LoRA on the encoder's linear layers; everything else in the encoder is frozen.
+class LowRankAdapter(LayerAdapter):
+    """What LoRA and DoRA share: their options, checked here, the choice of target layers, and
+    `describe`.
 
     Args:
         rank: r, the rank of the update (>= 1).
         targets: name patterns or aliases (see module docstring); default `all`.
         scaling: `fixed`, `alpha_over_r` or `rslora`.
         alpha: alpha for the two alpha scalings.
-        dropout: dropout on the LoRA branch input.
+        dropout: dropout on the low-rank branch input.
         include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
+    """
+
+    def __init__(
+        self,
+        rank: int = 8,
+        targets: list[str] | str = "all",
+        scaling: str = "fixed",
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        include_pooler: bool | str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"adapter.rank must be an integer >= 1, got {rank!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
+        if include_pooler not in ("auto", True, False):
+            raise ValueError(f"adapter.include_pooler must be auto, true or false, got {include_pooler!r}")
+        self.rank, self.scaling, self.alpha, self.dropout_p = rank, scaling, float(alpha), dropout
+        self.scale = lora_scale(scaling, self.alpha, rank)
+        self.targets = list(targets) if not isinstance(targets, str) else [targets]
+        self.include_pooler = include_pooler
+        self.layers: list[nn.Module] = []  # plain list: the modules live in the encoder
+        self.target_names: list[str] = []
+
+    def choose_targets(self, encoder: BertEncoder) -> list[str]:
+        """Freeze the encoder and name the linear layers to adapt."""
+        freeze(encoder)
+        pooler = encoder.pooler is not None if self.include_pooler == "auto" else bool(self.include_pooler)
+        return self.select(encoder, self.targets, pooler)
+
+    def describe(self) -> dict:
+        return {
+            "name": self.name,
+            "rank": self.rank,
+            "scaling": self.scaling,
+            "alpha": self.alpha,
+            "targets": self.target_names,
+        }
+
+
+class LoRA(LowRankAdapter):
+    """LoRA on the encoder's linear layers; everything else in the encoder is frozen.
+
+    Args: `LowRankAdapter`'s (rank, targets, scaling, alpha, dropout, include_pooler), and
         arena: with bf16-mixed, keep A and B beside the frozen weights (`compute_dtype_weights`);
             false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6 (or 7).
         concat: compute a layer as [x | x A^T] [W | s B]^T (and its input gradient as [g | g B] [W; A]):
@@ -146,20 +172,16 @@ class LoRA(LayerAdapter):
         arena: bool = True,
         concat: bool = False,
     ):
-        super().__init__()
-        low_rank_options(self, rank, targets, scaling, alpha, dropout, include_pooler)
+        super().__init__(rank, targets, scaling, alpha, dropout, include_pooler)
         self.use_arena = bool(arena)
         self.concat = bool(concat)
-        self.layers: list[LoRALinear] = []  # plain list: the modules live in the encoder
-        self.target_names: list[str] = []
         self._attentions: list[BertSelfAttention] = []
         self._encoder: list[BertEncoder] = []  # plain list: not a submodule of the adapter
         self._plan: tuple[tuple, tuple | None] | None = None  # (key, plan), see _cast_plan
         self._watch: list[tuple[LoRALinear, dict, dict]] = []  # each layer and its and its base's parameters
 
     def attach(self, encoder: BertEncoder) -> None:
-        freeze(encoder)
-        chosen = self.select(encoder, self.targets, pooler_targetable(encoder, self.include_pooler))
+        chosen = self.choose_targets(encoder)
 
         def make(name: str, layer: nn.Linear) -> LoRALinear:
             wrapped = LoRALinear(layer, self.rank, self.scale, self.dropout_p)
@@ -267,15 +289,6 @@ class LoRA(LayerAdapter):
             for g in (("stack", [tuple(m.lora_A.shape) for m in members]), ("diag", [tuple(m.lora_B.shape) for m in members]))
         ]  # fmt: skip
         return CastLayout(groups), dtype, tensors, slots, None, None
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "scaling": self.scaling,
-            "alpha": self.alpha,
-            "targets": self.target_names,
-        }
 
 
 def fits_arena(m: LoRALinear, dtype: torch.dtype) -> bool:
