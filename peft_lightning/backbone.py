@@ -33,9 +33,45 @@ class Backbone:
     identity: dict
 
 
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
+EXPECTED = "expected a BertModel checkpoint folder with config.json, weights and a tokenizer"
+
+
+def looks_like_path(source: str) -> bool:
+    """A source that can only be a folder: a hub id is `name` or `namespace/name`."""
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1 or source.endswith("/")
+
+
+def check_model_folder(source: str, folder: Path) -> Path:
+    """The folder of `model.source`, or a ValueError that says what it lacks."""
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "no such folder"
+        raise ValueError(f"model.source {source}: {what} ({EXPECTED}), and not a hub id (name or namespace/name)")
+    missing = []
+    if not (folder / "config.json").is_file():
+        missing.append("config.json")
+    if not any((folder / f).is_file() for f in WEIGHT_FILES):
+        missing.append(f"weights (one of {', '.join(WEIGHT_FILES)})")
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ValueError(f"model.source {source}: the folder lacks {'; '.join(missing)} ({EXPECTED})")
+    return folder
+
+
 def resolve_source(source: str) -> str:
-    """Turn `package:<module>` into the model folder inside that package; leave others as they are."""
+    """Turn `package:<module>` into the model folder inside that package, check a local folder, and
+    leave a hub id as it is."""
     if not source.startswith("package:"):
+        folder = Path(source).expanduser()
+        if folder.exists() or looks_like_path(source):
+            return str(check_model_folder(source, folder))
         return source
     name = source.removeprefix("package:")
     if importlib.util.find_spec(name) is None:
@@ -78,8 +114,11 @@ def load_backbone(
     if pooling not in ("pooler", "cls", "mean"):
         raise ValueError(f"model.pooling={pooling!r} is unknown; expected pooler, cls or mean")
     path = resolve_source(source)
-    tokenizer = load_tokenizer(source)
-    config = AutoConfig.from_pretrained(path)
+    try:
+        tokenizer = load_tokenizer(source)
+        config = AutoConfig.from_pretrained(path)
+    except OSError as err:  # a hub id the hub (or the offline cache) does not have
+        raise ValueError(f"model.source {source}: {hub_problem(err)}") from err
     if config.model_type != "bert":
         raise ValueError(f"model.source={source!r} is a {config.model_type!r} model; peft-lightning needs a BERT model")
     for key, value in (config_overrides or {}).items():
@@ -95,6 +134,8 @@ def load_backbone(
         hf_logging.set_verbosity_error()  # the load report lists the unused pooler as UNEXPECTED
         try:
             hf = BertModel.from_pretrained(path, add_pooling_layer=pooling == "pooler")
+        except OSError as err:
+            raise ValueError(f"model.source {source}: {hub_problem(err)}") from err
         finally:
             hf_logging.set_verbosity(verbosity)
     result = encoder.load_state_dict(hf.state_dict(), strict=False)
@@ -113,6 +154,18 @@ def load_backbone(
         "fingerprint": weights_fingerprint(encoder),
     }
     return Backbone(encoder, tokenizer, source, identity)
+
+
+def hub_problem(err: OSError) -> str:
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    offline = " (HF_HUB_OFFLINE=1 is set: only models already in the Hugging Face cache load)" if _offline() else ""
+    return f"not a local folder, and the hub could not give it{offline}: {first}"
+
+
+def _offline() -> bool:
+    import os
+
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
 def weights_fingerprint(encoder: BertEncoder) -> str:

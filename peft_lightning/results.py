@@ -26,9 +26,17 @@ from lightning.pytorch.loggers.logger import rank_zero_experiment
 RESULTS = "results.json"
 
 
+def file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask): mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -266,7 +274,8 @@ def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, st
         lines = [["id", "prediction"]]
         lines += [[id_, f"{p:.6f}" if isinstance(p, float) else str(int(p))] for id_, p in zip(data.ids, values)]
         path = folder / f"{task}-{split}.tsv"
-        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "w", newline="") as f:
             csv.writer(f, delimiter="\t", lineterminator="\n").writerows(lines)
         os.replace(tmp, path)

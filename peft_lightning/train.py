@@ -41,6 +41,15 @@ from peft_lightning.results import (
     read_results,
     write_predictions,
 )
+from peft_lightning.rundir import (
+    AtomicCheckpointIO,
+    RunDirError,
+    RunLock,
+    prepare_run_dir,
+    process_rank,
+    read_checkpoint_meta,
+    remove_partial_files,
+)
 
 log = logging.getLogger("peft_lightning")
 
@@ -96,19 +105,23 @@ def build_adapter(adapter_cfg: DictConfig):
 
 
 def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
+    """The checkpoint to resume from, checked to be readable (see `rundir.read_checkpoint_meta`)."""
     last = run_dir / "checkpoints" / "last.ckpt"
     if ckpt_path in (None, "null", "none"):
         return None
     if ckpt_path == "auto":
-        return str(last) if last.is_file() else None
-    if ckpt_path == "last":
+        path = last if last.is_file() else None
+    elif ckpt_path == "last":
         if not last.is_file():
             raise FileNotFoundError(f"ckpt_path=last but {last} does not exist")
-        return str(last)
-    path = Path(to_absolute_path(ckpt_path))
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
-    return str(path)
+        path = last
+    else:
+        path = Path(to_absolute_path(ckpt_path))
+        if not path.is_file():
+            raise FileNotFoundError(f"ckpt_path={ckpt_path}: no such file")
+    if path is not None:
+        read_checkpoint_meta(path)
+    return None if path is None else str(path)
 
 
 def precision_for(cfg_precision: str, accelerator: str) -> str:
@@ -158,9 +171,26 @@ def build_loggers(
 
 
 def train(cfg: DictConfig) -> dict:
-    """Train, predict and write results for one configuration; returns results.json's content."""
+    """Train, predict and write results for one configuration; returns results.json's content.
+
+    Before anything trains: the config's epochs are checked, the run directory is made and proven
+    writable, and this process takes the directory's lock (rank 0 only under DDP; the other ranks
+    run inside the same directory for the same job).
+    """
+    epochs = cfg.trainer.max_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"trainer.max_epochs must be a whole number >= 1, got {epochs!r} (a run must train)")
     run_dir = Path(cfg.output_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        if process_rank() == 0:
+            prepare_run_dir(run_dir)
+            stack.enter_context(RunLock(run_dir))
+            for partial in remove_partial_files(run_dir):
+                log.info("removed %s, left by a write that did not finish", partial)
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.force and is_complete(run_dir):
         log.info("%s is complete; skipping (force=true reruns it)", run_dir)
         return read_results(run_dir)
@@ -258,6 +288,7 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
         )
         or False,
         callbacks=[ckpt_cb, writer],
+        plugins=[AtomicCheckpointIO()],
         **tcfg,
     )
     try:
@@ -311,6 +342,8 @@ def predict(
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
     """Make sure results.json says the run failed, with the error's first line (reports show it)."""
+    if isinstance(err, RunDirError) or process_rank() != 0:
+        return  # the run directory is another run's, or broken: leave what it holds as it is
     run_dir = Path(cfg.output_dir)
     res = read_results(run_dir) or {"run_name": run_dir.name, "study": cfg.get("study"), "history": []}
     if res.get("status") in ("failed", "interrupted"):

@@ -2,6 +2,8 @@
 
 The cache key is the tokenizer's full serialisation, the max length, the pair encoding and the
 raw bytes of the source file, so a changed file, vocabulary or length never reads a stale cache.
+Each entry also stores the SHA-256 of its own tensors: a truncated or corrupt entry (one that does
+not load, or loads with other bytes) is rebuilt, never used.
 Token ids are stored flat (one int32 tensor plus offsets per text segment) to keep the cache small.
 """
 
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +21,9 @@ import torch
 
 from peft_lightning.data.readers import Split
 
-CACHE_VERSION = "1"
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = "2"  # 2: entries carry a checksum of their tensors
 
 
 @dataclass
@@ -98,16 +103,35 @@ def encode_split(
         key = f"{split.task}-{split.split}-{digest}-{tok}-L{max_length}-{pair_encoding}-{skipped}-v{CACHE_VERSION}"
         path = Path(cache_dir) / f"{key}.pt"
         if path.is_file():
-            try:
-                segs = [Segment(**s) for s in torch.load(path, weights_only=True)]
-                if all(len(s.offsets) == len(split) + 1 for s in segs):
-                    return EncodedSplit(split.task, split.split, split.ids, labels, segs)
-            except Exception:  # a corrupt cache entry is rebuilt, never trusted
-                pass
+            segs = _read_cached(path, len(split))
+            if segs is not None:
+                return EncodedSplit(split.task, split.split, split.ids, labels, segs)
     segs = _tokenise(split, tokenizer, max_length, pair_encoding)
     if path is not None:
-        _atomic_save([s.__dict__ for s in segs], path)
+        _atomic_save({"segments": [s.__dict__ for s in segs], "sha256": _checksum(segs)}, path)
     return EncodedSplit(split.task, split.split, split.ids, labels, segs)
+
+
+def _checksum(segs: list[Segment]) -> str:
+    h = hashlib.sha256()
+    for s in segs:
+        for t in (s.ids, s.offsets, s.token_types):
+            h.update(b"-" if t is None else t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_cached(path: Path, n_rows: int) -> list[Segment] | None:
+    """A cache entry's segments, or None (and a warning) when it is truncated, corrupt or of another shape."""
+    try:
+        entry = torch.load(path, weights_only=True)
+        segs = [Segment(**s) for s in entry["segments"]]
+        if entry["sha256"] == _checksum(segs) and all(len(s.offsets) == n_rows + 1 for s in segs):
+            return segs
+        problem = "its checksum or row count does not match"
+    except Exception as err:  # truncated zip, unpickling error, an entry of an older layout
+        problem = f"it does not load ({type(err).__name__})"
+    log.warning("token cache %s: %s; rebuilding it", path, problem)
+    return None
 
 
 def _tokenise(split: Split, tokenizer, max_length: int, pair_encoding: str) -> list[Segment]:

@@ -18,6 +18,7 @@ Test files carry no labels; a label column present in a test file is ignored.
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +113,7 @@ def read_split(
     labels: list[float] = []
     skipped: list[str] = []
     first_line_of: dict[str, int] = {}
-    with path.open(newline="", encoding="utf-8") as f:
+    with io.StringIO(read_text(path), newline="") as f:
         reader = csv.reader(f, delimiter="\t")
         header = next(reader, None)
         if header is None:
@@ -148,6 +149,24 @@ def read_split(
     if not ids:
         raise DataError(f"{path}: no data rows after the header")
     return Split(task.name, split, path, ids, texts, labels if with_labels else None, skipped)
+
+
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without the byte-order mark that spreadsheet exports write.
+
+    Raises:
+        DataError: bytes that are not UTF-8, with the line and column of the first one.
+    """
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path}:{line}: byte 0x{raw[err.start]:02x} at column {column} is not UTF-8 "
+            "(expected a UTF-8 text file: re-save it as UTF-8)"
+        ) from None
 
 
 def _parse_row(
