@@ -13,6 +13,7 @@ from torch import nn
 
 from peft_lightning.adapters.base import Adapter
 from peft_lightning.checks import real
+from peft_lightning.distributed import any_rank, gather
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.heads import build_heads
 from peft_lightning.tasks import TASKS, get_tasks
@@ -258,7 +259,8 @@ class MultiTaskModule(L.LightningModule):
 
     # ---- epochs and metrics --------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
-        torch.manual_seed(self.seed * 100_003 + self.current_epoch)
+        # each rank its own dropout masks under DDP (rank 0's are those of a single process)
+        torch.manual_seed(self.seed * 100_003 + self.current_epoch + 7_919 * self.global_rank)
 
     def on_validation_epoch_start(self) -> None:
         self.adapter.merge()
@@ -270,25 +272,31 @@ class MultiTaskModule(L.LightningModule):
         if self.trainer.sanity_checking:
             return
         train = self._compute("train")
+        # every rank holds every dev prediction (DDP), on the host
+        outputs = merge_ranks(gather({t: [(i.cpu(), p.cpu()) for i, p in v] for t, v in outputs.items()}))
         record = {"epoch": self.current_epoch + 1, "step": self.global_step, "train": train, "dev": dev}
         record["train_avg"], record["dev_avg"] = average(train), average(dev)
         flat = {f"val/{t}/{m}": v for t, ms in dev.items() for m, v in ms.items()}
         flat.update({f"train/{t}/{m}": v for t, ms in train.items() for m, v in ms.items()})
         if record["train_avg"] is not None:
             flat["train/avg"] = record["train_avg"]
-        self.log_dict({k: v for k, v in flat.items() if v is not None and not math.isnan(v)}, prog_bar=False)
-        self.log("val/avg", record["dev_avg"], prog_bar=True)
+        # the values are the same on every rank (synchronised metrics): sync_dist only averages equals
+        many = self.trainer.world_size > 1
+        flat = {k: v for k, v in flat.items() if v is not None and not math.isnan(v)}
+        self.log_dict(flat, prog_bar=False, sync_dist=many)
+        self.log("val/avg", record["dev_avg"], prog_bar=True, sync_dist=many)
         best = max((h["dev_avg"] for h in self.history if h.get("dev_avg") is not None), default=None)
         if record["dev_avg"] is not None and (best is None or record["dev_avg"] > best):
             self.best_dev_predictions = {
-                t: (torch.cat([i for i, _ in v]).cpu(), torch.cat([p for _, p in v]).cpu()) for t, v in outputs.items()
+                t: (torch.cat([i for i, _ in v]), torch.cat([p for _, p in v])) for t, v in outputs.items()
             }
         self.history.append(record)
 
     def _compute(self, stage: str) -> dict[str, dict[str, float]]:
         result = {}
         for task, coll in (self.train_metrics if stage == "train" else self.val_metrics).items():
-            if not any(m.update_count for m in coll.values()):
+            # under DDP compute() is a collective: every rank computes when any rank has updates
+            if not any_rank(any(m.update_count for m in coll.values()), self.device):
                 continue
             result[task] = {k: float(v) for k, v in coll.compute().items()}
             coll.reset()
@@ -416,6 +424,15 @@ class MultiTaskModule(L.LightningModule):
             "with_heads": {"trainable": count(everything, True), "total": count(everything, False)},
             "heads": count([self.heads], False),
         }
+
+
+def merge_ranks(per_rank: list[dict]) -> dict[str, list]:
+    """{task: [(row index, prediction), ...]} of every rank, as one."""
+    merged: dict[str, list] = {}
+    for outputs in per_rank:
+        for task, pairs in outputs.items():
+            merged.setdefault(task, []).extend(pairs)
+    return merged
 
 
 def store_frozen_in(encoder: nn.Module, dtype: torch.dtype) -> None:

@@ -238,7 +238,8 @@ class ResultsWriter(L.Callback):
             "peak_memory_mb": round(peak_memory_mb(pl_module.device), 1),
             **self.extra,
         }
-        atomic_write_text(self.path, json.dumps(out, indent=2, default=float))
+        if trainer is None or trainer.is_global_zero:  # DDP: one writer
+            atomic_write_text(self.path, json.dumps(out, indent=2, default=float))
         return out
 
 

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from peft_lightning.backbone import load_backbone
 from peft_lightning.checks import whole
 from peft_lightning.data import DataError, MultiTaskDataModule
+from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
 from peft_lightning.gpus import gpu_slot
 from peft_lightning.module import MultiTaskModule
 from peft_lightning.results import (
@@ -181,6 +182,7 @@ def train(cfg: DictConfig) -> dict:
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"trainer.max_epochs must be a whole number >= 1, got {epochs!r} (a run must train)")
     run_dir = Path(cfg.output_dir)
+    watch_parent()  # a DDP child ends with its rank 0
     with ExitStack() as stack:
         if process_rank() == 0:
             prepare_run_dir(run_dir)
@@ -190,11 +192,9 @@ def train(cfg: DictConfig) -> dict:
         return _train(cfg, run_dir)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
-    if not cfg.force and is_complete(run_dir):
-        log.info("%s is complete; skipping (force=true reruns it)", run_dir)
-        return read_results(run_dir)
-    L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
+def build(cfg: DictConfig) -> tuple:
+    """The backbone, data module and module a run's (resolved) config describes, as `peft-train`
+    builds them; `load_run` builds a finished run's the same way."""
     backbone = load_backbone(
         cfg.model.source,
         cfg.model.pooling,
@@ -229,6 +229,16 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         compile=cfg.model.get("compile", False),
         identity=backbone.identity,
     )
+    return backbone, dm, module
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
+    if not cfg.force and is_complete(run_dir):
+        log.info("%s is complete; skipping (force=true reruns it)", run_dir)
+        return read_results(run_dir)
+    L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
+    backbone, dm, module = build(cfg)
+    adapter = module.adapter
     run_name = cfg.get("run_name") or run_dir.name
     meta = {
         "run_name": run_name,
@@ -259,6 +269,10 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     )
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     tcfg["precision"] = precision_for(tcfg.get("precision", "auto"), tcfg.get("accelerator", "auto"))
+    if tcfg.get("strategy") == "ddp":  # children run this job, not the command line (distributed.py)
+        # one task a step (round_robin, ...) leaves the other heads without gradients
+        tcfg["strategy"] = JobDDPStrategy(find_unused_parameters=cfg.data.schedule != "joint")
+    tcfg.setdefault("use_distributed_sampler", False)  # the data module deals batches to ranks itself
     if ckpt:
         log.info("resuming from %s", ckpt)
     with ExitStack() as stack:
@@ -270,13 +284,22 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def use_gpu_lock(cfg: DictConfig) -> bool:
+    """`gpus.lock=auto`: a GPU slot lock for the jobs of a sweep run by processes on this machine
+    (joblib, or Hydra's basic launcher), which all see every GPU. SLURM and Ray give each job its
+    own GPUs (CUDA_VISIBLE_DEVICES), where a lock on "GPU 0" would serialise jobs on different ones."""
     lock = cfg.gpus.lock
     if lock == "auto":
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
         multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-        return bool(multirun and torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"))
+        if multirun:
+            launcher = str(HydraConfig.get().launcher.get("_target_", ""))
+            multirun = "joblib" in launcher or "basic" in launcher.lower()
+        one_device = cfg.trainer.get("strategy", "auto") != "ddp" and cfg.trainer.devices in (1, "1")
+        return bool(
+            multirun and one_device and torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda")
+        )
     return bool(lock)
 
 
@@ -332,10 +355,15 @@ def predict(
         for task, (index, values) in dev.items():
             preds[(task, "dev")] = in_row_order(len(dm.split(task, "dev")), index, values, f"{task}-dev")
     splits = ("test",) if preds else ("dev", "test")
+    targets = dm.predict_targets(splits)
     outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(splits), ckpt_path=best)
-    preds.update(collect_predictions(dm, dm.predict_targets(splits), outputs))
+    if len(targets) == 1:
+        outputs = [outputs]  # one dataloader: Lightning returns its batches as a flat list
+    per_rank = gather(outputs)  # DDP: each rank predicted its own batches
+    merged = [[b for rank_outputs in per_rank for b in rank_outputs[k]] for k in range(len(targets))]
+    preds.update(collect_predictions(dm, targets, merged))
     return {
-        "predictions": write_predictions(run_dir, dm, preds),
+        "predictions": write_predictions(run_dir, dm, preds) if trainer.is_global_zero else {},
         "predicted_from": Path(best).name if best else "last weights",
     }
 
@@ -354,6 +382,11 @@ def record_failure(cfg: DictConfig, err: BaseException) -> None:
     atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
 
 
+def rank_note() -> str:
+    rank = process_rank()
+    return f" on rank {rank}" if rank else ""
+
+
 @hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
@@ -367,7 +400,9 @@ def main(cfg: DictConfig) -> float | None:
     except Exception as err:
         record_failure(cfg, err)
         known = isinstance(err, (DataError, ValueError, FileNotFoundError))
-        log.error("run failed: %s: %s", type(err).__name__, err)
+        if known and process_rank() != 0:  # the same config or data error stops rank 0, which says it
+            sys.exit(2)
+        log.error("run failed%s: %s: %s", rank_note(), type(err).__name__, err)
         if multirun:  # one failed job must not stop the sweep; results.json records it
             log.debug(traceback.format_exc())
             return None

@@ -125,3 +125,51 @@ def test_wandb_run_resumes_under_its_id(tiny_model_dir, data_dir, tmp_path):
     assert len(runs) == 2 and all(r.name.endswith(f"-{wid}") for r in runs)  # `wandb sync` joins them
     third = run("trainer.max_epochs=2", "force=true")
     assert third["wandb_id"] != wid
+
+
+def test_ray_launcher_two_jobs_then_report(tiny_model_dir, data_dir, tmp_path):
+    """hydra/launcher=ray on a local Ray (CPU only here: no GPU per job), then the report over it."""
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher")
+    args = (
+        "hydra/launcher=ray",
+        "hydra.launcher.ray.init.num_cpus=2",
+        "hydra.launcher.ray.remote.num_gpus=0",
+        "study=raystudy",
+        "adapter=lora,frozen",
+    )
+    proc = peft_train(tmp_path, tiny_model_dir, data_dir, *args)
+    assert "Ray Launcher is launching 2 jobs" in proc.stdout + proc.stderr
+    runs = results(tmp_path / "multirun" / "raystudy")
+    assert sorted(r["adapter"]["name"] for r in runs.values()) == ["frozen", "lora"]
+    assert all(r["status"] == "complete" and r["steps"] == 4 for r in runs.values())  # smoke: 16 rows, batch 4
+    assert len({r["run_name"] for r in runs.values()}) == 2  # one folder a job
+    text = build_report(tmp_path / "multirun").read_text()
+    assert "raystudy" in text and "lora" in text and "frozen" in text
+
+
+def test_wandb_under_ddp_logs_one_run(tiny_model_dir, data_dir, tmp_path):
+    """Two DDP processes, one wandb run (rank 0's), in the job's one folder."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "peft_lightning.train",
+        "model=local",
+        f"model.source={tiny_model_dir}",
+        f"data.dir={data_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.max_length=64",
+        "trainer.max_epochs=1",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "logger=wandb",
+        "predict=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert res["status"] == "complete" and len(offline) == 1 and offline[0].name.endswith(res["wandb_id"])
+    assert not list(tmp_path.rglob("wandb/offline-run-*"))[1:]  # none elsewhere either

@@ -35,11 +35,25 @@ class StepDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Batches of one split in length-sorted order (less padding); `index` maps back to rows."""
+    """Batches of one split in length-sorted order (less padding); `index` maps back to rows.
 
-    def __init__(self, split: EncodedSplit, batch_size: int, pad_id: int, multiple: int = 1):
+    Under DDP, rank r of W takes batches r, r + W, ...: every row once over all ranks, in the same
+    batches as one process (no padding rows, so synchronised metrics equal one process's). A split
+    of fewer than W batches is cut into smaller ones, so that every rank has one.
+    """
+
+    def __init__(
+        self, split: EncodedSplit, batch_size: int, pad_id: int, multiple: int = 1, rank: int = 0, replicas: int = 1
+    ):
+        if len(split) < replicas:
+            raise ValueError(
+                f"{split.task} {split.split}: {len(split)} row(s) for {replicas} DDP processes; "
+                "every process needs at least one (fewer trainer.devices, or a larger data.limit_eval)"
+            )
         order = torch.argsort(split.lengths(), stable=True).tolist()
-        self.batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        batch_size = min(batch_size, -(-len(order) // replicas))
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        self.batches = batches[rank::replicas]
         self.split, self.pad_id, self.multiple = split, pad_id, multiple
 
     def __len__(self) -> int:
@@ -164,8 +178,14 @@ class MultiTaskDataModule(L.LightningDataModule):
     def split(self, task: str, split: str) -> EncodedSplit:
         return self.splits[(task, split)]
 
+    def shard(self) -> tuple[int, int]:
+        """(rank, processes) of the trainer this module is attached to; (0, 1) without one."""
+        trainer = getattr(self, "trainer", None)
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
     def train_dataloader(self) -> DataLoader:
         train = {t: self.splits[(t, "train")] for t in self.task_names}
+        self.sampler.shard(*self.shard())
         return DataLoader(
             StepDataset(train, self.pad_id, self.multiple),
             batch_size=None,
@@ -176,7 +196,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         )
 
     def eval_dataloader(self, task: str, split: str) -> DataLoader:
-        ds = EvalDataset(self.splits[(task, split)], self.eval_batch_size, self.pad_id, self.multiple)
+        ds = EvalDataset(self.splits[(task, split)], self.eval_batch_size, self.pad_id, self.multiple, *self.shard())
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=self._generator())
 
     def _generator(self) -> torch.Generator:

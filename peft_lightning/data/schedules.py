@@ -13,6 +13,12 @@ Schedules (N_t = batches of task t per pass over its data):
   An epoch is sum_t N_t steps (every row once in expectation).
 - `temperature`: like proportional with probability proportional to rows ** (1 / T);
   T=1 is proportional, large T approaches uniform. An epoch is sum_t N_t steps.
+
+Under DDP with W processes an epoch is the same schedule, dealt out: rank r takes steps r, r + W,
+r + 2W, ... of it, ceil(S / W) steps each (S the steps above; a rank short of a step repeats the
+epoch's first ones, so every rank takes as many steps and none waits in a collective). Each
+optimizer step then sees W batches of each scheduled task (W x the batch size), and an epoch
+has about S / W optimizer steps: the same rows, in fewer, larger steps.
 """
 
 from __future__ import annotations
@@ -110,11 +116,30 @@ class ScheduleSampler(Sampler[Key]):
         self.schedule, self.seed, self.epoch = schedule, seed, 0
         self.temperature = 1.0 if schedule == "proportional" else temperature
         self.n_batches = {t: math.ceil(n / self.batch_sizes[t]) for t, n in self.sizes.items()}
+        self.rank, self.replicas = 0, 1
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    def shard(self, rank: int, replicas: int) -> None:
+        """Deal this epoch's steps to `replicas` processes; this one is `rank` (see module doc)."""
+        if not 0 <= rank < replicas:
+            raise ValueError(f"rank {rank} is not in 0..{replicas - 1}")
+        self.rank, self.replicas = rank, replicas
+
     def __len__(self) -> int:
+        return math.ceil(self.schedule_steps() / self.replicas)
+
+    def __iter__(self) -> Iterator[Key]:
+        if self.replicas == 1:
+            yield from self._schedule()
+            return
+        keys = list(self._schedule())
+        mine = keys[self.rank :: self.replicas]
+        yield from mine + keys[: len(self) - len(mine)]
+
+    def schedule_steps(self) -> int:
+        """Steps of one epoch of the whole schedule, before it is dealt to processes."""
         most = max(self.n_batches.values())
         if self.schedule == "joint":
             return most
@@ -127,7 +152,7 @@ class ScheduleSampler(Sampler[Key]):
         total = sum(weights.values())
         return {t: w / total for t, w in weights.items()}
 
-    def __iter__(self) -> Iterator[Key]:
+    def _schedule(self) -> Iterator[Key]:
         tasks = list(self.sizes)
         streams = {
             t: BatchStream(
@@ -141,7 +166,7 @@ class ScheduleSampler(Sampler[Key]):
             )
             for i, t in enumerate(tasks)
         }
-        steps = len(self)
+        steps = self.schedule_steps()
         if self.schedule == "joint":
             for _ in range(steps):
                 yield tuple((t, next(streams[t])) for t in tasks)
