@@ -265,6 +265,11 @@ def in_row_order(n: int, index: torch.Tensor, values: torch.Tensor, what: str) -
     return out
 
 
+def format_prediction(p: float | int) -> str:
+    """A prediction as the TSV files hold it: a class id, or a score with six decimals."""
+    return f"{p:.6f}" if isinstance(p, float) else str(int(p))
+
+
 def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, str], list]) -> dict[str, str]:
     """Write `predictions/{task}-{split}.tsv` with columns id and prediction, ids as in the input."""
     folder = Path(run_dir) / "predictions"
@@ -273,7 +278,7 @@ def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, st
     for (task, split), values in sorted(preds.items()):
         data = datamodule.split(task, split)
         lines = [["id", "prediction"]]
-        lines += [[id_, f"{p:.6f}" if isinstance(p, float) else str(int(p))] for id_, p in zip(data.ids, values)]
+        lines += [[id_, format_prediction(p)] for id_, p in zip(data.ids, values)]
         path = folder / f"{task}-{split}.tsv"
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, file_mode())

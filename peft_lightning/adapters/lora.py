@@ -157,6 +157,8 @@ class LoRA(LowRankAdapter):
             the rank-r update goes into the frozen GEMM instead of a GEMM of its own. Under
             torch.compile every layer (`ops._ConcatLowRankLinear`); eager in the arena, the wider side
             of each (`arena._ArenaLinear`). Off by default until measured on a GPU.
+        init_from: a PEFT LoRA adapter folder (`peft-export`'s, or PEFT's `save_pretrained`) whose
+            A and B this adapter starts from; its rank, targets and scale must be this adapter's.
     """
 
     name = "lora"
@@ -171,8 +173,10 @@ class LoRA(LowRankAdapter):
         include_pooler: bool | str = "auto",
         arena: bool = True,
         concat: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__(rank, targets, scaling, alpha, dropout, include_pooler)
+        self.init_from = init_from
         self.use_arena = bool(arena)
         self.concat = bool(concat)
         self._attentions: list[BertSelfAttention] = []
@@ -193,6 +197,10 @@ class LoRA(LowRankAdapter):
 
         self.wrap(encoder, chosen, make)
         self.target_names = chosen
+        if self.init_from:
+            from peft_lightning.export import load_peft_lora
+
+            load_peft_lora(self, self.init_from)
         self._watch = [(m, m._parameters, m.base._parameters) for m in self.layers]
         self._attentions = [m for m in encoder.modules() if isinstance(m, BertSelfAttention)]
         self._encoder = [encoder]

@@ -107,10 +107,33 @@ def read_split(
     path = split_path(data_dir, task.name, split, layout)
     if not path.is_file():
         raise DataError(f"{path}: file not found (task {task.name}, split {split}, layout {layout})")
-    with_labels = split != "test"
+    return read_file(path, task, split, split != "test", on_bad_row, layout)
+
+
+def read_file(
+    path: Path,
+    task: Task,
+    split: str = "input",
+    labels: bool | None = True,
+    on_bad_row: str = "raise",
+    layout: str = "tsv",
+) -> Split:
+    """Read and validate one file of a task's rows (`read_split` for a data directory's split).
+
+    Args:
+        path: the file (the columns of the task's TSV files).
+        task: whose columns and labels it holds.
+        split: the name the rows go by (messages, cache keys).
+        labels: True: the label column is required; False: ignored; None: read when the header has it.
+        on_bad_row: `raise` or `skip`.
+        layout: `tsv`, or `cs224n` for that layout's column names.
+    """
+    if not path.is_file():
+        raise DataError(f"{path}: file not found (task {task.name})")
+    with_labels = labels
     ids: list[str] = []
     texts: list[tuple[str, ...]] = []
-    labels: list[float] = []
+    values: list[float] = []
     skipped: list[str] = []
     first_line_of: dict[str, int] = {}
     with io.StringIO(read_text(path), newline="") as f:
@@ -120,6 +143,8 @@ def read_split(
             raise DataError(f"{path}: file is empty; expected a header row and data rows")
         if layout == "cs224n":
             header = [_CS224N_COLUMNS.get(c.strip(), c.strip()) for c in header]
+        if with_labels is None:
+            with_labels = task.label_column in header
         needed = ["id", *task.text_columns] + ([task.label_column] if with_labels else [])
         missing = [c for c in needed if c not in header]
         if missing:
@@ -145,10 +170,10 @@ def read_split(
             ids.append(id_)
             texts.append(text)
             if with_labels:
-                labels.append(label)
+                values.append(label)
     if not ids:
         raise DataError(f"{path}: no data rows after the header")
-    return Split(task.name, split, path, ids, texts, labels if with_labels else None, skipped)
+    return Split(task.name, split, path, ids, texts, values if with_labels else None, skipped)
 
 
 def read_text(path: Path) -> str:

@@ -1,0 +1,278 @@
+"""`peft-export RUN_DIR --out DIR [--merged]`: take a trained run into the Hugging Face ecosystem.
+
+- LoRA, DoRA and (IA)^3: `DIR/adapter_config.json` and `DIR/adapter_model.safetensors` in PEFT's
+  own format (written by PEFT's `save_pretrained`) for a transformers `BertModel` of the run's
+  backbone, so that `PeftModel.from_pretrained(BertModel.from_pretrained(backbone), DIR)` computes
+  our encoder's hidden states. Our q/k/v layers are separate modules with PEFT's names
+  (`encoder.layer.N.attention.self.query`, ...), so each of our layers is one PEFT layer; the
+  targets are written as that list of full names, and the scale as PEFT's: `fixed` (g = 1) is
+  `lora_alpha = r`, `alpha_over_r` is `lora_alpha = alpha`, `rslora` adds `use_rslora`, DoRA
+  `use_dora` (our magnitude is PEFT's `lora_magnitude_vector`).
+- `--merged` (and full fine-tuning, frozen): a plain transformers `BertModel` folder
+  (`save_pretrained`, the adapter merged into the weights in fp32) with its tokenizer.
+- Always: the task heads in `DIR/heads.safetensors` and `DIR/heads.json` (their tensors' shapes,
+  the sentence vector they read and how pair features are formed) and `DIR/peft_lightning.json`
+  (where the export came from).
+
+Prefix tuning is not exported to PEFT: PEFT feeds the prefixes as a key/value cache, which gives
+the real tokens position ids P..P+T-1, where ours keep 0..T-1 (the study's, and what the
+pretrained position table was trained on); the same prefixes would give other hidden states. And
+a prefix is not a weight, so it does not merge either.
+
+The way back: `adapter=lora adapter.init_from=DIR` starts LoRA from a PEFT LoRA adapter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from peft_lightning.adapters import IA3, DoRA, DoRALinear, IA3Linear, LoRA, LoRALinear
+from peft_lightning.api import RunModel, load_run
+from peft_lightning.backbone import resolve_source
+
+PEFT_FORMAT = ("lora", "dora", "ia3")
+
+
+class ExportError(ValueError):
+    """A run that cannot be exported the way asked; the message says why and what can be."""
+
+
+def plain_state_dict(encoder) -> dict[str, torch.Tensor]:
+    """Our encoder's weights under transformers' BertModel names (a wrapper's `base.` dropped, its
+    own parameters left out): what `load_backbone` loaded, with merged updates in it."""
+    wrappers = {n for n, m in encoder.named_modules() if isinstance(m, (LoRALinear, DoRALinear, IA3Linear))}
+    out = {}
+    for key, value in encoder.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in wrappers:
+            continue  # lora_A, lora_B, magnitude, ia3_l
+        for w in wrappers:
+            if key.startswith(w + ".base."):
+                key = w + "." + key[len(w) + len(".base.") :]
+                break
+        out[key] = value.detach().float().clone()
+    return out
+
+
+def hf_config(run: RunModel):
+    from transformers import AutoConfig
+
+    model = run.config["model"]
+    config = AutoConfig.from_pretrained(resolve_source(model["source"]))
+    for key, value in (model.get("config_overrides") or {}).items():
+        setattr(config, key, value)
+    return config
+
+
+def export_merged(run: RunModel, out: Path) -> None:
+    """A transformers BertModel folder with the adapter merged in (fp32), and the tokenizer."""
+    from transformers import BertModel
+
+    if run.module.adapter.name == "prefix":
+        raise ExportError("prefix tuning has no weights to merge (its prefixes are extra keys and values)")
+    encoder = run.module.encoder
+    run.module.adapter.merge()
+    hf = BertModel(hf_config(run), add_pooling_layer=encoder.pooler is not None)
+    result = hf.load_state_dict(plain_state_dict(encoder), strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ExportError(
+            f"weights do not fit BertModel: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
+        )
+    hf.save_pretrained(out)
+    run.tokenizer.save_pretrained(out)
+
+
+def peft_config(adapter, base_path: str):
+    import peft
+
+    if isinstance(adapter, IA3):
+        ff = [n for n, m in adapter_layers(adapter) if m.feedforward]
+        return peft.IA3Config(
+            target_modules=list(adapter.target_names), feedforward_modules=ff, base_model_name_or_path=base_path
+        )
+    # g = lora_alpha / r (or / sqrt r with use_rslora); fixed g = 1 is lora_alpha = r
+    alpha = adapter.rank if adapter.scaling == "fixed" else adapter.alpha
+    return peft.LoraConfig(
+        r=adapter.rank,
+        lora_alpha=alpha,
+        use_rslora=adapter.scaling == "rslora",
+        use_dora=isinstance(adapter, DoRA),
+        target_modules=list(adapter.target_names),
+        lora_dropout=adapter.dropout_p,
+        bias="none",
+        base_model_name_or_path=base_path,
+    )
+
+
+def adapter_layers(adapter) -> list[tuple[str, torch.nn.Module]]:
+    return list(zip(adapter.target_names, adapter.layers))
+
+
+@torch.no_grad()
+def export_peft(run: RunModel, out: Path) -> None:
+    """PEFT's adapter_config.json and adapter_model.safetensors (see the module doc)."""
+    import peft
+    from transformers import BertModel
+
+    adapter = run.module.adapter
+    adapter.unmerge()  # the factors themselves, not a merged weight
+    base_path = resolve_source(run.config["model"]["source"])
+    hf = BertModel(hf_config(run), add_pooling_layer=run.module.encoder.pooler is not None)
+    pm = peft.get_peft_model(hf, peft_config(adapter, base_path))
+    for name, layer in adapter_layers(adapter):
+        target = pm.base_model.model.get_submodule(name)
+        if isinstance(layer, IA3Linear):
+            target.ia3_l["default"].data.copy_(layer.ia3_l.data.float().view_as(target.ia3_l["default"]))
+            continue
+        target.lora_A["default"].weight.data.copy_(layer.lora_A.data.float())
+        target.lora_B["default"].weight.data.copy_(layer.lora_B.data.float())
+        if isinstance(layer, DoRALinear):
+            target.lora_magnitude_vector["default"].weight.data.copy_(layer.magnitude.data.float())
+    pm.save_pretrained(out, safe_serialization=True)
+
+
+def export_heads(run: RunModel, out: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous() for k, v in run.module.heads.state_dict().items()}
+    save_file(state, out / "heads.safetensors")
+    model, data = run.config["model"], run.config["data"]
+    features = {"concat": "[u; v]", "sbert": "[u; v; |u - v|; u * v]"}[model["pair_features"]]
+    spec = {
+        "sentence_vector": {
+            "pooler": "BertModel's pooler_output",
+            "cls": "hidden state of [CLS]",
+            "mean": "mean of the hidden states over the attention mask",
+        }[model["pooling"]],
+        "pooling": model["pooling"],
+        "pair_encoding": data["pair_encoding"],
+        "pair_features": model["pair_features"],
+        "pair_input": (
+            f"u, v = the sentence vectors of sentence1 and sentence2, encoded apart; the head reads {features}"
+            if data["pair_encoding"] == "separate"
+            else "the sentence vector of the pair encoded together ([CLS] s1 [SEP] s2 [SEP])"
+        ),
+        "sts_head": model["sts_head"],
+        "heads": {
+            task: {
+                "outputs": "logits over classes 0..4"
+                if task == "sst5"
+                else "logits over 0/1"
+                if task == "qqp"
+                else ("5 * cos(u, v)" if model["sts_head"] == "cosine" else "a score 0..5"),
+                "tensors": {k[len(task) + 1 :]: list(v.shape) for k, v in state.items() if k.startswith(task + ".")},
+            }
+            for task in run.tasks
+        },
+    }
+    (out / "heads.json").write_text(json.dumps(spec, indent=2) + "\n")
+
+
+def export(run_dir: str | Path, out: str | Path, merged: bool = False, checkpoint: str = "best") -> Path:
+    """Export a run (see the module doc); returns the folder written."""
+    out = Path(out)
+    run = load_run(run_dir, checkpoint)
+    name = run.module.adapter.name
+    if not merged and name not in PEFT_FORMAT:
+        if name == "prefix":
+            raise ExportError(
+                "prefix tuning is not exportable to PEFT: PEFT passes prefixes as a key/value cache, "
+                "which moves the real tokens to position ids P..P+T-1 (ours keep 0..T-1), so the same "
+                "prefixes give other hidden states; and prefixes do not merge into weights"
+            )
+        merged = True  # full fine-tuning and frozen: the weights themselves
+    out.mkdir(parents=True, exist_ok=True)
+    if merged:
+        export_merged(run, out)
+    else:
+        export_peft(run, out)
+    export_heads(run, out)
+    meta = {
+        "run_dir": str(Path(run_dir).resolve()),
+        "checkpoint": checkpoint,
+        "adapter": run.module.adapter.describe(),
+        "format": "transformers BertModel (merged)" if merged else "PEFT adapter",
+        "backbone": run.config["model"]["source"],
+        "tasks": run.tasks,
+    }
+    (out / "peft_lightning.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return out
+
+
+def load_peft_lora(adapter: LoRA, folder: str | Path) -> None:
+    """Set LoRA's A and B from a PEFT LoRA adapter folder (`adapter.init_from`); its rank, targets
+    and scaling must be this adapter's."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise ValueError(f"adapter.init_from={folder}: no {p.name} (expected a PEFT LoRA adapter folder)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"adapter.init_from={folder}: a {cfg.get('peft_type')} adapter, expected LoRA")
+    if cfg.get("r") != adapter.rank:
+        raise ValueError(
+            f"adapter.init_from={folder}: rank {cfg.get('r')}, this adapter has adapter.rank={adapter.rank}"
+        )
+    r = adapter.rank
+    scale = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
+    if abs(scale - adapter.scale) > 1e-6 * max(1.0, abs(scale)):
+        raise ValueError(
+            f"adapter.init_from={folder}: its scale is {scale:g} (lora_alpha {cfg['lora_alpha']}, "
+            f"use_rslora {cfg.get('use_rslora', False)}), this adapter's is {adapter.scale:g}; set adapter.scaling/alpha to match"
+        )
+    state = load_file(str(weights))
+    found = {}
+    for key, value in state.items():
+        for part in ("lora_A", "lora_B"):
+            marker = f".{part}.weight"
+            if key.endswith(marker):
+                name = key[: -len(marker)].removeprefix("base_model.model.")
+                found[(name, part)] = value
+    names = {n for n, _ in found}
+    mine = set(adapter.target_names)
+    if names != mine:
+        raise ValueError(
+            f"adapter.init_from={folder}: its layers {sorted(names - mine)[:3] or '-'} are not targets here, "
+            f"and {sorted(mine - names)[:3] or '-'} have no factors there; match adapter.targets"
+        )
+    with torch.no_grad():
+        for name, layer in adapter_layers(adapter):
+            for part in ("lora_A", "lora_B"):
+                param = getattr(layer, part)
+                value = found[(name, part)]
+                if value.shape != param.shape:
+                    raise ValueError(
+                        f"adapter.init_from={folder}: {name}.{part} is {tuple(value.shape)}, expected {tuple(param.shape)}"
+                    )
+                param.copy_(value.to(param.dtype))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="peft-export", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--merged", action="store_true", help="a plain BertModel folder with the adapter merged in")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    args = p.parse_args(argv)
+    try:
+        out = export(args.run_dir, args.out, args.merged, args.checkpoint)
+    except ImportError as err:
+        print(f"peft-export: {err} (PEFT's format needs peft: pip install peft)", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError) as err:
+        print(f"peft-export: {err}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} to {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

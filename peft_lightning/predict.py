@@ -1,0 +1,65 @@
+"""`peft-predict RUN_DIR --task sst5|qqp|stsb --input FILE.tsv|- --out FILE.tsv|-`: score new rows.
+
+The input has the task's columns as in the data files (`id, sentence` for sst5; `id, sentence1,
+sentence2` for qqp and stsb), the label column optional; bad rows get the same `file:line: field`
+errors as training (exit 2). The output is `id, prediction` as a run's own predictions files.
+With labels, the metrics are printed (to stderr when the predictions go to stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from peft_lightning.data.readers import DataError
+from peft_lightning.results import atomic_write_text, format_prediction
+from peft_lightning.tasks import TASKS
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="peft-predict", description=__doc__.splitlines()[0])
+    p.add_argument("run_dir", type=Path, help="a folder written by peft-train (results.json, checkpoints/)")
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--input", required=True, help="TSV file, or - for standard input")
+    p.add_argument("--out", required=True, help="TSV file to write, or - for standard output")
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    from peft_lightning.api import load_run
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            source = Path(args.input)
+            if args.input == "-":  # read once, then validate like any file (line numbers of stdin)
+                source = Path(tmp) / "stdin.tsv"
+                source.write_bytes(sys.stdin.buffer.read())
+            run = load_run(args.run_dir, args.checkpoint, args.device)
+            split, preds = run.predict_file(args.task, source, args.batch_size)
+    except (DataError, ValueError, FileNotFoundError) as err:
+        print(f"peft-predict: {err}", file=sys.stderr)
+        return 2
+    rows = [["id", "prediction"], *([i, format_prediction(p)] for i, p in zip(split.ids, preds))]
+    if args.out == "-":
+        csv.writer(sys.stdout, delimiter="\t", lineterminator="\n").writerows(rows)
+    else:
+        lines = "".join("\t".join(r) + "\n" for r in rows)
+        atomic_write_text(Path(args.out), lines)
+    report = sys.stderr if args.out == "-" else sys.stdout
+    print(f"{args.task}: {len(preds)} rows from {args.input} -> {args.out}", file=report)
+    if split.labels is not None:
+        metrics = run.metrics(args.task, preds, split.labels)
+        print(json.dumps({"task": args.task, "rows": len(preds), **metrics}), file=report)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
