@@ -11,6 +11,7 @@ where it stopped. Other `key=value` arguments are passed to every sweep (for exa
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -40,14 +41,31 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
     return budget, studies, rest
 
 
+def sweep_dir(study: str, budget: str, overrides: list[str]) -> Path:
+    """Where `peft-train -m experiment=<study> budget=<budget> <overrides>` puts its jobs: Hydra's
+    own `hydra.sweep.dir` for that command (`sweep_root`, `hydra.sweep.dir=...` or any override
+    that moves it), so the report is read from where the runs went."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from peft_lightning.train import conf_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        cfg = compose("train", [f"experiment={study}", f"budget={budget}", *overrides], return_hydra_config=True)
+        return Path(str(cfg.hydra.sweep.dir))
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
     budget, studies, rest = parse(argv)
-    sweep_root = next((a.split("=", 1)[1] for a in rest if a.startswith("sweep_root=")), f"multirun/{budget}")
-    rest = [a for a in rest if not a.startswith("sweep_root=")]
+    dirs = [sweep_dir(study, budget, rest) for study in studies]
+    report_root = Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
+    if len(dirs) == 1:
+        report_root = dirs[0].resolve().parent if dirs[0].name == studies[0] else dirs[0].resolve()
     t0 = time.time()
     failed = []
     for study in studies:
@@ -58,13 +76,12 @@ def main(argv: list[str] | None = None) -> None:
             "-m",
             f"experiment={study}",
             f"budget={budget}",
-            f"sweep_root={sweep_root}",
             *rest,
         ]
         print(f"== {study}: {' '.join(cmd[2:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(study)
-    report = build_report(sweep_root, Path(sweep_root) / "report")
+    report = build_report(report_root, report_root / "report")
     print(f"report: {report} ({time.time() - t0:.0f} s)")
     if failed:
         print(f"studies whose sweep process failed: {failed}", file=sys.stderr)

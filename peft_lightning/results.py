@@ -287,3 +287,26 @@ def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, st
         os.replace(tmp, path)
         written[f"{task}-{split}"] = str(path.relative_to(run_dir))
     return written
+
+
+def summary(res: dict, run_dir: str | Path) -> str:
+    """The block a finished run prints (and `train.log` keeps): best epoch, dev scores per task,
+    test predictions, results.json, wall time."""
+    run_dir = Path(run_dir)
+    best = res.get("best") or {}
+    lines = [f"run {res.get('status', '?')}: {run_dir}"]
+    if best:
+        lines.append(f"  best epoch {best['epoch']} of {len(res.get('history', []))}, dev avg {best['dev_avg']:.4f}")
+        for task, metrics in best.get("dev", {}).items():
+            lines.append(f"  dev {task:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+    preds = res.get("predictions") or {}
+    tests = [p for k, p in sorted(preds.items()) if k.endswith("-test")]
+    if tests:
+        lines.append(f"  test predictions (from {res.get('predicted_from', '?')}): " + ", ".join(tests))
+    lines.append(f"  results: {run_dir / RESULTS}")
+    wall = res.get("wall_time_s")
+    if wall is not None:
+        lines.append(
+            f"  wall time {wall:.0f} s ({res.get('steps', 0)} steps, {res.get('steady_step_ms') or 0:.0f} ms a step)"
+        )
+    return "\n".join(lines)

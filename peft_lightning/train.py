@@ -40,6 +40,7 @@ from peft_lightning.results import (
     in_row_order,
     is_complete,
     read_results,
+    summary,
     write_predictions,
 )
 from peft_lightning.rundir import (
@@ -402,13 +403,17 @@ def main(cfg: DictConfig) -> float | None:
         known = isinstance(err, (DataError, ValueError, FileNotFoundError))
         if known and process_rank() != 0:  # the same config or data error stops rank 0, which says it
             sys.exit(2)
-        log.error("run failed%s: %s: %s", rank_note(), type(err).__name__, err)
+        where = Path(cfg.output_dir) / "results.json"
+        kept = f"\n  results: {where}" if where.is_file() and not isinstance(err, RunDirError) else ""
+        log.error("run failed%s: %s: %s%s", rank_note(), type(err).__name__, err, kept)
         if multirun:  # one failed job must not stop the sweep; results.json records it
             log.debug(traceback.format_exc())
             return None
         if known and not cfg.get("raise_errors"):
             sys.exit(2)
         raise
+    if process_rank() == 0 and result:
+        log.info("%s", summary(result, cfg.output_dir))
     best = (result or {}).get("best") or {}
     return best.get("dev_avg")
 

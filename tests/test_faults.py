@@ -42,11 +42,12 @@ def run_main(args: list[str], monkeypatch) -> int:
 
 
 def snapshot(*folders: Path) -> dict[str, str]:
-    """Every file under the folders with the hash of its bytes."""
+    """Every file under the folders with the hash of its bytes; not the log, which every command
+    appends to, nor Hydra's copy of the last command's config."""
     files = {}
     for folder in folders:
         for p in sorted(folder.rglob("*")):
-            if p.is_file():
+            if p.is_file() and p.name != "train.log" and ".hydra" not in p.parts:
                 files[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
     return files
 
@@ -57,7 +58,7 @@ def base_args(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> list[s
         f"model.source={model_dir}",
         f"data.dir={data_dir}",
         f"data.cache_dir={out / 'cache'}",
-        f"output_dir={out / 'run'}",
+        f"hydra.run.dir={out / 'run'}",
         "data.max_length=64",
         "data.limit_train=16",
         "trainer.max_epochs=1",
@@ -111,6 +112,35 @@ def test_bad_input_is_one_clear_message(what, breaks, extra, message, tiny_model
     assert message in out and "Traceback" not in out
     assert snapshot(model, data) == before
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_run_ends_with_a_summary_on_the_terminal_and_in_train_log(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    data = make_data_dir(tmp_path / "data")
+    assert run_main(base_args(tiny_model_dir, data, tmp_path, "predict=true"), monkeypatch) == 0
+    out = "".join(capfd.readouterr())
+    run = tmp_path / "run"
+    res = json.loads((run / "results.json").read_text())
+    best = res["best"]
+    block = [
+        f"run complete: {run}",
+        f"  best epoch {best['epoch']} of 1, dev avg {best['dev_avg']:.4f}",
+        f"  dev sst5  acc {best['dev']['sst5']['acc']:.4f}",
+        f"  dev stsb  pearson {best['dev']['stsb']['pearson']:.4f}",
+        "  test predictions (from best.ckpt): predictions/qqp-test.tsv, predictions/sst5-test.tsv, "
+        "predictions/stsb-test.tsv",
+        f"  results: {run / 'results.json'}",
+    ]
+    log = (run / "train.log").read_text()
+    for line in block:
+        assert line in out and line in log, line
+    # a failed run says the error and where its results.json is
+    (data / "qqp" / "dev.tsv").write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\t2\n")
+    assert run_main(base_args(tiny_model_dir, data, tmp_path, "force=true"), monkeypatch) == 2
+    out = "".join(capfd.readouterr())
+    assert (
+        "qqp/dev.tsv:2: field 'label': '2' is not a valid class" in out and f"  results: {run / 'results.json'}" in out
+    )
+    assert json.loads((run / "results.json").read_text())["status"] == "failed"
 
 
 @pytest.fixture

@@ -173,3 +173,28 @@ def test_wandb_under_ddp_logs_one_run(tiny_model_dir, data_dir, tmp_path):
     offline = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert res["status"] == "complete" and len(offline) == 1 and offline[0].name.endswith(res["wandb_id"])
     assert not list(tmp_path.rglob("wandb/offline-run-*"))[1:]  # none elsewhere either
+
+
+def test_reproduce_reports_from_where_hydra_sweep_dir_put_the_runs(tiny_model_dir, data_dir, tmp_path):
+    moved = tmp_path / "elsewhere"
+    cmd = [
+        sys.executable,
+        "-m",
+        "peft_lightning.reproduce",
+        "budget=smoke",
+        "studies=[prefix_length]",
+        f"hydra.sweep.dir={moved}",
+        "model=local",
+        f"model.source={tiny_model_dir}",
+        f"data.dir={data_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.accelerator=cpu",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    runs = results(moved)
+    assert len(runs) == 4 and all(r["status"] == "complete" for r in runs.values())  # lengths 1, 2, 4, 8
+    assert f"report: {moved / 'report' / 'report.md'}" in proc.stdout
+    text = (moved / "report" / "report.md").read_text()
+    assert "Prefix length" in text and not (tmp_path / "multirun").exists()
