@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import tempfile
@@ -48,11 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"peft-predict: {err}", file=sys.stderr)
         return 2
     rows = [["id", "prediction"], *([i, format_prediction(p)] for i, p in zip(split.ids, preds))]
+    text = io.StringIO()
+    csv.writer(text, delimiter="\t", lineterminator="\n").writerows(rows)
     if args.out == "-":
-        csv.writer(sys.stdout, delimiter="\t", lineterminator="\n").writerows(rows)
+        sys.stdout.write(text.getvalue())
     else:
-        lines = "".join("\t".join(r) + "\n" for r in rows)
-        atomic_write_text(Path(args.out), lines)
+        atomic_write_text(Path(args.out), text.getvalue())
     report = sys.stderr if args.out == "-" else sys.stdout
     print(f"{args.task}: {len(preds)} rows from {args.input} -> {args.out}", file=report)
     if split.labels is not None:

@@ -23,6 +23,8 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from peft_lightning.tasks import TASKS
+
 RESULTS = "results.json"
 
 
@@ -271,14 +273,21 @@ def format_prediction(p: float | int) -> str:
 
 
 def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, str], list]) -> dict[str, str]:
-    """Write `predictions/{task}-{split}.tsv` with columns id and prediction, ids as in the input."""
+    """Write `predictions/{task}-{split}.tsv` with columns id and prediction (and, for a split with
+    labels, the label: a dev file is then all a paired bootstrap needs), ids as in the input."""
     folder = Path(run_dir) / "predictions"
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for (task, split), values in sorted(preds.items()):
         data = datamodule.split(task, split)
-        lines = [["id", "prediction"]]
-        lines += [[id_, format_prediction(p)] for id_, p in zip(data.ids, values)]
+        if data.labels is None:
+            lines = [["id", "prediction"]]
+            lines += [[id_, format_prediction(p)] for id_, p in zip(data.ids, values)]
+        else:
+            as_label = float if TASKS[task].is_regression else int
+            labels = [format_prediction(as_label(y)) for y in data.labels.tolist()]
+            lines = [["id", "prediction", "label"]]
+            lines += [[id_, format_prediction(p), y] for id_, p, y in zip(data.ids, values, labels)]
         path = folder / f"{task}-{split}.tsv"
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
         os.fchmod(fd, file_mode())

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from peft_lightning.comparisons import interval_columns
 from peft_lightning.tasks import TASK_NAMES, TASKS
 from peft_lightning.train import conf_dir
 
@@ -86,10 +87,11 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
     extra = study in WITH_COST
     if extra:
         header += ["trainable (encoder)", "trainable (with heads)", "step ms", "peak MiB"]
-    header += ["seeds", "status"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
+    ci_header, ci_cells, _ = interval_columns(study, keys, {k: complete(m)[0] for k, m in groups.items()})
+    header += ci_header + ["seeds", "status"]
     rows, numbers = [], []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])):
         ok, problems = complete(members)
@@ -113,6 +115,8 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
             for vals in (steady, [r.get("peak_memory_mb") for r in ok]):
                 cells.append(fmt(vals, 1))
                 nums.append(None)
+        cells += ci_cells[key]
+        nums += [None] * len(ci_header)
         cells += [str(len(ok)), "; ".join(problems) or "ok"]
         rows.append(cells)
         numbers.append(nums)

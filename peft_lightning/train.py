@@ -320,8 +320,7 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
         if trainer.interrupted:
             raise KeyboardInterrupt
         extra = {}
-        if cfg.predict:
-            extra.update(predict(trainer, module, dm, ckpt_cb.best_model_path or None, run_dir))
+        extra.update(predict(trainer, module, dm, ckpt_cb.best_model_path or None, run_dir, test=cfg.predict))
         result = writer.write(trainer, module, status="complete", **extra)
     except KeyboardInterrupt:
         writer.write(trainer, module, status="interrupted")
@@ -343,18 +342,32 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
 
 
 def predict(
-    trainer: L.Trainer, module: MultiTaskModule, dm: MultiTaskDataModule, best: str | None, run_dir: Path
+    trainer: L.Trainer,
+    module: MultiTaskModule,
+    dm: MultiTaskDataModule,
+    best: str | None,
+    run_dir: Path,
+    test: bool = True,
 ) -> dict:
     """Dev and test predictions of the best checkpoint.
 
-    Dev predictions come from the best epoch's own validation pass when this process saw it;
-    test (and dev after a resume that did not see the best epoch) take one predict pass.
+    Dev predictions come from the best epoch's own validation pass when this process saw it (no
+    extra pass: they are written even with `predict=false`, for the reports' paired bootstrap);
+    test (and dev after a resume that did not see the best epoch) take one predict pass, with
+    `predict=true` only.
     """
     preds = {}
     dev = module.best_dev_predictions if best else None
     if dev is not None and set(dev) == set(dm.task_names):
         for task, (index, values) in dev.items():
             preds[(task, "dev")] = in_row_order(len(dm.split(task, "dev")), index, values, f"{task}-dev")
+    if not test:
+        if not preds:
+            return {}
+        return {
+            "predictions": write_predictions(run_dir, dm, preds) if trainer.is_global_zero else {},
+            "predicted_from": Path(best).name,
+        }
     splits = ("test",) if preds else ("dev", "test")
     targets = dm.predict_targets(splits)
     outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(splits), ckpt_path=best)

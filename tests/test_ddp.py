@@ -107,7 +107,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
         for name, value in metrics.items():
             assert abs(value - dev[task][name]) < 1e-4, (task, name, value, dev[task][name])
     for task in ("sst5", "qqp", "stsb"):
-        for id_, p in read_tsv(out / "predictions" / f"{task}-dev.tsv")[1:]:
+        for id_, p, _ in read_tsv(out / "predictions" / f"{task}-dev.tsv")[1:]:
             assert abs(float(p) - preds[(task, id_)]) < 1e-4
     print(f"ddp run: {wall:.1f} s wall")
 

@@ -147,7 +147,9 @@ def test_peft_predict_and_load_run_reproduce_the_runs_dev_predictions(tiny_model
             [str(run_dir), "--task", task, "--input", str(data / task / "dev.tsv"), "--out", str(tmp_path / "p.tsv")]
         )
         assert rc == 0
-        assert read_tsv(tmp_path / "p.tsv") == read_tsv(run_dir / "predictions" / f"{task}-dev.tsv")
+        dev = read_tsv(run_dir / "predictions" / f"{task}-dev.tsv")  # id, prediction, label
+        assert dev[0] == ["id", "prediction", "label"]
+        assert read_tsv(tmp_path / "p.tsv") == [r[:2] for r in dev]
         printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         for name, value in res["best"]["dev"][task].items():
             assert abs(printed[name] - value) < 1e-6, (task, name)

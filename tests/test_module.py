@@ -109,8 +109,11 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
         for split, n in (("dev", 16), ("test", 12)):
             rows = read_tsv(out / "predictions" / f"{task}-{split}.tsv")
             src = read_tsv(data_dir / task / f"{split}.tsv")
-            assert rows[0] == ["id", "prediction"] and len(rows) == n + 1
+            # dev files carry the label beside the prediction (the reports' paired bootstrap)
+            assert rows[0] == ["id", "prediction"] + (["label"] if split == "dev" else []) and len(rows) == n + 1
             assert [r[0] for r in rows[1:]] == [r[id_col] for r in src[1:]]
+            if split == "dev":
+                assert [float(r[2]) for r in rows[1:]] == [float(r[-1]) for r in src[1:]]
             if task == "stsb":
                 float(rows[1][1])
             else:
@@ -132,7 +135,7 @@ def test_dev_predictions_match_best_checkpoint_metrics(tiny_model_dir, data_dir,
     res = run(tiny_model_dir, data_dir, out, "adapter=full", "trainer.max_epochs=2")
     rows = read_tsv(out / "predictions" / "sst5-dev.tsv")[1:]
     gold = {r[0]: int(r[2]) for r in read_tsv(data_dir / "sst5" / "dev.tsv")[1:]}
-    acc = sum(int(p) == gold[i] for i, p in rows) / len(rows)
+    acc = sum(int(p) == gold[i] for i, p, _ in rows) / len(rows)
     assert acc == pytest.approx(res["best"]["dev"]["sst5"]["acc"])
 
 

@@ -87,7 +87,7 @@ def test_report_tables(tmp_path):
     assert "## Main comparison (dev)" in text and "## LoRA rank: train and dev" in text and "## Epoch budgets" in text
     main_rows = [
         line
-        for line in text.splitlines()
+        for line in text.split("## Main comparison")[1].split("\n## ")[0].splitlines()
         if line.startswith("| full") or line.startswith("| lora") or line.startswith("| prefix")
     ]
     full = next(r for r in main_rows if r.startswith("| full"))
