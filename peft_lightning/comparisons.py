@@ -29,6 +29,7 @@ REFERENCE = {
     "lora_scaling": ("adapter.scaling", "fixed"),
     "lora_targets": ("adapter.targets", "[all]"),
     "sts_head": ("model.sts_head", "mlp"),
+    "tuned": ("adapter", "full"),
 }
 MAIN = [(t, TASKS[t].main_metric) for t in TASK_NAMES]
 
@@ -121,14 +122,18 @@ class StudyComparison:
         return stats.interval(np.mean(reps, axis=0), float(np.mean(est)))
 
 
-def reference_of(study: str, keys: list[str], key: tuple) -> tuple | None:
-    """The row `key` is compared with: the same settings but the reference value of the study's key."""
+def reference_of(study: str, keys: list[str], key: tuple, rows: list[tuple] | None = None) -> tuple | None:
+    """The row `key` is compared with: the same settings but the reference value of the study's key
+    or, where no row has those (tuned: each strategy at its own lr), the one row with that value."""
     if study not in REFERENCE or REFERENCE[study][0] not in keys:
         return None
     name, value = REFERENCE[study]
-    ref = list(key)
-    ref[keys.index(name)] = value
-    return tuple(ref)
+    i = keys.index(name)
+    ref = (*key[:i], value, *key[i + 1 :])
+    if rows is not None and ref not in rows:
+        only = [r for r in rows if r[i] == value]
+        return only[0] if len(only) == 1 else ref
+    return ref
 
 
 def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]]):
@@ -145,7 +150,7 @@ def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]
         score = comp.score(key, None)
         row = [score.plain() if score else "-"]
         if label:
-            ref = reference_of(study, keys, key)
+            ref = reference_of(study, keys, key, list(groups))
             for task in [t for t, _ in MAIN] + [None]:
                 if key == ref:
                     row.append("reference")

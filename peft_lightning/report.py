@@ -39,6 +39,8 @@ TITLES = {
     "multitask_vs_single": "Multi-task vs single-task training (dev)",
     "sts_head": "STS-B head: MLP vs cosine similarity (dev)",
     "peft_methods": "PEFT methods: the study's four strategies and (IA)^3 (dev)",
+    "tune_lr": "Learning-rate search per strategy (dev, one seed)",
+    "tuned": "Each strategy at its own tuned learning rate (dev)",
 }
 
 
@@ -126,6 +128,30 @@ def plot_epochs(path: Path, runs: list[dict]) -> bool:
     return save_figure(plt, fig, ax, path, "epoch", "avg of SST-5 acc, QQP acc, STS-B Pearson")
 
 
+def tuned_lrs(root: Path) -> list[str]:
+    """The lr `peft-tune` chose for each strategy, and the grid's dev avg behind it."""
+    lines = []
+    for path in sorted(root.rglob("tuned_lr.json")):
+        chosen = json.loads(path.read_text()).get("strategies", {})
+        rows = [
+            [
+                name,
+                f"{c['lr']:g}",
+                c["sets"],
+                f"{c['dev_avg']:.4f}",
+                ", ".join(f"{lr}: {v:.4f}" for lr, v in c["grid"].items()),
+            ]
+            for name, c in chosen.items()
+        ]
+        lines += [
+            "Tuned learning rates (`peft-tune`):",
+            "",
+            markdown(["strategy", "lr", "sets", "search dev avg", "grid"], rows),
+            "",
+        ]
+    return lines
+
+
 def build_report(root: str | Path, out: str | Path | None = None) -> Path:
     """Write report.md, CSVs and PNGs for the runs under `root`; returns the report's path."""
     root = Path(root)
@@ -174,6 +200,8 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
             header, rows, numbers = study_table(study, srun)
             rows = bold_best(header, rows, numbers, len(varying_keys(srun)))
         lines += [markdown(header, rows), "", f"CSV: `{study}.csv`", ""]
+        if study == "tuned":
+            lines += tuned_lrs(root)
         write_csv(out / f"{study}.csv", header, rows)
         if study == "lora_rank" and plot_sweep(
             out / "lora_rank.png", srun, "adapter.rank", "LoRA rank r", ("train", "dev")

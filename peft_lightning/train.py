@@ -193,6 +193,20 @@ def train(cfg: DictConfig) -> dict:
         return _train(cfg, run_dir)
 
 
+TUNED_ROLE = {"full": "lr", "frozen": "head_lr"}  # what optim.tuned_lr sets; every other strategy: adapter_lr
+
+
+def learning_rates(cfg: DictConfig, strategy: str) -> dict:
+    """lr, adapter_lr and head_lr of a run. `optim.tuned_lr` (the lr search of `peft-tune`) sets the
+    one that moves the strategy's own parameters: the encoder's for full fine-tuning, the heads' for
+    the frozen backbone, the adapter's for the others."""
+    lrs = {"lr": cfg.optim.lr, "adapter_lr": cfg.optim.adapter_lr, "head_lr": cfg.optim.head_lr}
+    tuned = cfg.optim.get("tuned_lr")
+    if tuned is not None:
+        lrs[TUNED_ROLE.get(strategy, "adapter_lr")] = tuned
+    return lrs
+
+
 def build(cfg: DictConfig) -> tuple:
     """The backbone, data module and module a run's (resolved) config describes, as `peft-train`
     builds them; `load_run` builds a finished run's the same way."""
@@ -210,6 +224,7 @@ def build(cfg: DictConfig) -> tuple:
     data_dir = to_absolute_path(data_kwargs.pop("dir"))
     dm = MultiTaskDataModule(data_dir, backbone.tokenizer, seed=cfg.seed, **data_kwargs)
     adapter = build_adapter(cfg.adapter)
+    lrs = learning_rates(cfg, adapter.name)
     module = MultiTaskModule(
         backbone.encoder,
         adapter,
@@ -219,9 +234,7 @@ def build(cfg: DictConfig) -> tuple:
         sts_head=cfg.model.sts_head,
         head_dropout=cfg.model.head_dropout,
         pair_features=cfg.model.pair_features,
-        lr=cfg.optim.lr,
-        adapter_lr=cfg.optim.adapter_lr,
-        head_lr=cfg.optim.head_lr,
+        **lrs,
         weight_decay=cfg.optim.weight_decay,
         lr_schedule=cfg.optim.lr_schedule,
         warmup_ratio=cfg.optim.warmup_ratio,
@@ -250,6 +263,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "tasks": dm.task_names,
         "epochs": cfg.trainer.max_epochs,
         "seed": cfg.seed,
+        "lr": learning_rates(cfg, adapter.name),  # what each parameter group trains at (optim.tuned_lr applied)
         "overrides": list(cfg.get("overrides") or []),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

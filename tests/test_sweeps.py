@@ -198,3 +198,55 @@ def test_reproduce_reports_from_where_hydra_sweep_dir_put_the_runs(tiny_model_di
     assert f"report: {moved / 'report' / 'report.md'}" in proc.stdout
     text = (moved / "report" / "report.md").read_text()
     assert "Prefix length" in text and not (tmp_path / "multirun").exists()
+
+
+def test_tune_searches_each_strategys_lr_then_retrains_the_best_over_seeds(tiny_model_dir, data_dir, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "peft_lightning.tune",
+        "budget=smoke",
+        "tune.grid=[1e-4,3e-2]",
+        "tune.strategies=[frozen,lora]",
+        "budget.seeds=[1,2]",
+        f"sweep_root={tmp_path / 'multirun'}",
+        "model=local",
+        f"model.source={tiny_model_dir}",
+        f"data.dir={data_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.accelerator=cpu",
+        "optim.lr=3e-3",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    search = results(tmp_path / "multirun" / "tune_lr")
+    assert len(search) == 4 and all(r["status"] == "complete" and r["seed"] == 1 for r in search.values())
+    chosen = json.loads((tmp_path / "multirun" / "tuned" / "tuned_lr.json").read_text())["strategies"]
+    for name, role in (("frozen", "head_lr"), ("lora", "adapter_lr")):
+        grid = {
+            r["config"]["optim"]["tuned_lr"]: r["best"]["dev_avg"]
+            for r in search.values()
+            if r["adapter"]["name"] == name
+        }
+        assert chosen[name]["lr"] == max(grid, key=grid.get) and chosen[name]["sets"] == f"optim.{role}"
+        # the search runs set that lr, and only that one
+        for r in search.values():
+            if r["adapter"]["name"] == name:
+                assert r["lr"][role] == r["config"]["optim"]["tuned_lr"]
+                assert all(v == r["config"]["optim"][k] for k, v in r["lr"].items() if k != role)
+    final = results(tmp_path / "multirun" / "tuned")
+    assert sorted((r["adapter"]["name"], r["seed"]) for r in final.values()) == [
+        ("frozen", 1),
+        ("frozen", 2),
+        ("lora", 1),
+        ("lora", 2),
+    ]
+    for r in final.values():
+        assert r["status"] == "complete" and r["config"]["optim"]["tuned_lr"] == chosen[r["adapter"]["name"]]["lr"]
+        assert {"sst5-test", "qqp-test", "stsb-test"} <= set(r["predictions"])
+    text = (tmp_path / "multirun" / "report" / "report.md").read_text()
+    assert (
+        "## Each strategy at its own tuned learning rate (dev)" in text and "Tuned learning rates (`peft-tune`)" in text
+    )
+    assert f"| lora | {chosen['lora']['lr']:g} | optim.adapter_lr |" in text

@@ -1,0 +1,114 @@
+"""`peft-tune budget=quick data.dir=<folder>`: a fair comparison, each strategy at its own best lr.
+
+1. The search (`experiment=tune_lr`): every strategy of `tune.strategies` at every lr of
+   `tune.grid`, with the budget's first seed, scored by dev avg. `optim.tuned_lr` is the lr of the
+   strategy's own parameters (full fine-tuning: the encoder's; frozen: the heads'; LoRA, prefix,
+   (IA)^3, DoRA: the adapter's); the others keep the config's.
+2. The final runs (`experiment=tuned`): each strategy at its best lr over `budget.seeds`, with
+   test predictions.
+3. `<sweep root>/tuned/tuned_lr.json` (each strategy's grid scores and chosen lr) and the report over
+   the sweep root, whose `tuned` table compares the strategies at their own lrs (against full).
+
+Like `peft-reproduce`, complete jobs are skipped, so the same command resumes. `budget=paper`
+keeps the study's single lr in its own studies; this is an addition, not a replacement.
+
+    peft-tune budget=quick data.dir=/path/to/data
+    peft-tune budget=quick 'tune.grid=[1e-4,1e-3]' 'tune.strategies=[lora,full]' hydra/launcher=gpus
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from peft_lightning.report import build_report, load_runs
+from peft_lightning.reproduce import sweep_dir
+from peft_lightning.train import TUNED_ROLE
+
+
+def parse(argv: list[str]) -> tuple[str, list[str]]:
+    budget, rest = "quick", []
+    for arg in argv:
+        if arg.startswith("budget="):
+            budget = arg.split("=", 1)[1]
+        else:
+            rest.append(arg)
+    return budget, rest
+
+
+def composed(budget: str, overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from peft_lightning.train import conf_dir
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
+        return compose("train", [f"budget={budget}", *overrides])
+
+
+def choose(runs: list[dict], strategies: list[str]) -> dict[str, dict]:
+    """Per strategy, the grid's dev avg by lr and the lr with the highest (complete runs only)."""
+    chosen = {}
+    for name in strategies:
+        scores: dict[float, float] = {}
+        for r in runs:
+            lr = ((r.get("config") or {}).get("optim") or {}).get("tuned_lr")
+            if (r.get("adapter") or {}).get("name") == name and r.get("status") == "complete" and r.get("best"):
+                if lr is not None and r["best"].get("dev_avg") is not None:
+                    scores[float(lr)] = r["best"]["dev_avg"]
+        if scores:
+            best = max(scores, key=scores.get)
+            chosen[name] = {
+                "lr": best,
+                "sets": f"optim.{TUNED_ROLE.get(name, 'adapter_lr')}",
+                "dev_avg": scores[best],
+                "grid": {f"{lr:g}": v for lr, v in sorted(scores.items())},
+            }
+    return chosen
+
+
+def train_cmd(experiment: str, budget: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "peft_lightning.train", "-m", f"experiment={experiment}", f"budget={budget}", *args]
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    budget, rest = parse(argv)
+    cfg = composed(budget, rest)
+    strategies, seeds = list(cfg.tune.strategies), list(cfg.budget.seeds)
+    t0 = time.time()
+    search = sweep_dir("tune_lr", budget, rest)
+    print(
+        f"== search: {len(strategies)} strategies x {len(cfg.tune.grid)} lrs, seed {seeds[0]} -> {search}", flush=True
+    )
+    subprocess.run(train_cmd("tune_lr", budget, f"seed={seeds[0]}", *rest))
+    chosen = choose(load_runs(search) if search.is_dir() else [], strategies)
+    missing = [s for s in strategies if s not in chosen]
+    final = sweep_dir("tuned", budget, rest)
+    for name, pick in chosen.items():
+        print(
+            f"== {name}: lr {pick['lr']:g} ({pick['sets']}), dev avg {pick['dev_avg']:.4f}; seeds {seeds}", flush=True
+        )
+        subprocess.run(train_cmd("tuned", budget, f"adapter={name}", f"optim.tuned_lr={pick['lr']:g}", *rest))
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "tuned_lr.json").write_text(
+        json.dumps({"budget": budget, "seeds": seeds, "strategies": chosen}, indent=2) + "\n"
+    )
+    root = Path(os.path.commonpath([str(search.resolve()), str(final.resolve())]))
+    report = build_report(root, root / "report")
+    print(f"report: {report} ({time.time() - t0:.0f} s)")
+    if missing:
+        print(f"no complete search run for {missing}", file=sys.stderr)
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()
