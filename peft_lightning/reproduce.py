@@ -7,6 +7,7 @@ where it stopped. Other `key=value` arguments are passed to every sweep (for exa
 
     peft-reproduce budget=quick data.dir=/path/to/data
     peft-reproduce budget=paper studies=[main,lora_rank] hydra/launcher=slurm
+    peft-reproduce budget=cpu 'studies=[main,tuned]' data.dir=/path/to/data   # tuned: peft-tune's fair comparison
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
             ]
         else:
             rest.append(arg)
-    unknown = [s for s in studies if s not in PAPER_STUDIES + BEYOND]
+    unknown = [s for s in studies if s not in PAPER_STUDIES + BEYOND + ["tuned"]]
     if unknown:
         raise SystemExit(f"peft-reproduce: unknown studies {unknown}; known: {PAPER_STUDIES + BEYOND}")
     return budget, studies, rest
@@ -62,13 +63,19 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         return
     budget, studies, rest = parse(argv)
-    dirs = [sweep_dir(study, budget, rest) for study in studies]
+    dirs = [sweep_dir(study, budget, rest) for study in studies]  # (tuned: its final runs' folder)
     report_root = Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
     if len(dirs) == 1:
         report_root = dirs[0].resolve().parent if dirs[0].name == studies[0] else dirs[0].resolve()
     t0 = time.time()
     failed = []
     for study in studies:
+        if study == "tuned":  # peft-tune: the lr search per strategy, then its seeds
+            cmd = [sys.executable, "-m", "peft_lightning.tune", f"budget={budget}", *rest]
+            print(f"== tuned: {' '.join(cmd[2:])}", flush=True)
+            if subprocess.run(cmd).returncode != 0:
+                failed.append(study)
+            continue
         cmd = [
             sys.executable,
             "-m",
