@@ -88,10 +88,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {study}: {' '.join(cmd[2:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(study)
-    report = build_report(report_root, report_root / "report")
+    report_and_exit(report_root, t0, failed, "studies whose sweep process failed")
+
+
+def report_and_exit(root: Path, t0: float, failed: list[str], what: str) -> None:
+    """The report over `root` (into `root/report`), its path and the time taken; exit 1 if any failed."""
+    report = build_report(root, root / "report")
     print(f"report: {report} ({time.time() - t0:.0f} s)")
     if failed:
-        print(f"studies whose sweep process failed: {failed}", file=sys.stderr)
+        print(f"{what}: {failed}", file=sys.stderr)
         raise SystemExit(1)
 
 

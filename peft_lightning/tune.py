@@ -25,8 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from peft_lightning.report import build_report, load_runs
-from peft_lightning.reproduce import sweep_dir
+from peft_lightning.report import load_runs
+from peft_lightning.reproduce import report_and_exit, sweep_dir
 from peft_lightning.train import TUNED_ROLE
 
 
@@ -103,11 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"budget": budget, "seeds": seeds, "strategies": chosen}, indent=2) + "\n"
     )
     root = Path(os.path.commonpath([str(search.resolve()), str(final.resolve())]))
-    report = build_report(root, root / "report")
-    print(f"report: {report} ({time.time() - t0:.0f} s)")
-    if missing:
-        print(f"no complete search run for {missing}", file=sys.stderr)
-        raise SystemExit(1)
+    report_and_exit(root, t0, missing, "strategies without a complete search run")
 
 
 if __name__ == "__main__":
