@@ -1,7 +1,7 @@
 """Use a finished run from Python: `load_run(RUN_DIR).predict("sst5", ["a fine film"])`.
 
 The run is rebuilt from its own `results.json` config exactly as `peft-train` built it (the same
-backbone, adapter and heads; `train.build`), and its best checkpoint (what trains) is loaded on top.
+backbone, adapter and heads; `build.py`), and its best checkpoint (what trains) is loaded on top.
 Predictions are made as the run made its own: adapters merged, rows batched by length in
 batches of the run's `data.eval_batch_size`.
 
@@ -19,26 +19,29 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
+from peft_lightning.build import build_adapter, build_backbone, build_model
 from peft_lightning.data.datamodule import EvalDataset
 from peft_lightning.data.encoded import encode_split
 from peft_lightning.data.readers import Split, read_file
-from peft_lightning.module import MultiTaskModule, task_metrics
+from peft_lightning.model import MultiTaskModel
+from peft_lightning.module import task_metrics
 from peft_lightning.results import read_results
+from peft_lightning.rundir import read_checkpoint_meta
 from peft_lightning.tasks import TASKS
 
 
 @dataclass
 class RunModel:
-    """A trained run, ready to score rows: its module (merged, in eval mode), tokenizer and config."""
+    """A trained run, ready to score rows: its model (merged, in eval mode), tokenizer and config."""
 
-    module: MultiTaskModule
+    model: MultiTaskModel
     tokenizer: object
     config: dict
     run_dir: Path
 
     @property
     def tasks(self) -> list[str]:
-        return self.module.task_names
+        return self.model.task_names
 
     def predict(self, task: str, rows: list, batch_size: int | None = None) -> list:
         """Predictions for `rows`: sentences (sst5) or (sentence1, sentence2) pairs (qqp, stsb).
@@ -69,11 +72,11 @@ class RunModel:
         pad = int(self.tokenizer.pad_token_id or 0)
         batches = EvalDataset(enc, batch_size or data["eval_batch_size"], pad, data.get("pad_to_multiple_of", 1))
         out: list = [None] * len(split)
-        device = next(self.module.parameters()).device
+        device = next(self.model.parameters()).device
         for i in range(len(batches)):
             batch = _to(batches[i], device)
-            ((task, pred),) = self.module(batch).items()
-            values = self.module.prediction(task, pred).cpu().tolist()
+            ((task, pred),) = self.model(batch).items()
+            values = TASKS[task].prediction(pred).cpu().tolist()
             for row, v in zip(batch[task]["index"].tolist(), values):
                 out[row] = float(v) if TASKS[task].is_regression else int(v)
         return out
@@ -124,18 +127,16 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
         checkpoint: `best` (the best dev epoch, whose predictions the run wrote) or `last`.
         device: where to run (`cpu`, `cuda`, ...).
     """
-    from peft_lightning.rundir import read_checkpoint_meta
-    from peft_lightning.train import build
-
     run_dir = Path(run_dir)
     res = read_results(run_dir)
     if res is None or "config" not in res:
         raise FileNotFoundError(f"{run_dir}: no readable results.json with the run's config (not a peft-train run?)")
     cfg = OmegaConf.create(res["config"])
     ckpt = read_checkpoint_meta(run_checkpoint(run_dir, checkpoint))
-    backbone, _, module = build(cfg)
-    module.on_load_checkpoint(ckpt)  # the same backbone, adapter and heads, or a clear error
-    module.load_state_dict({k: v.clone() for k, v in ckpt["state_dict"].items()}, strict=False)
-    module.to(device).eval()
-    module.adapter.merge()
-    return RunModel(module, backbone.tokenizer, OmegaConf.to_container(cfg, resolve=True), run_dir)
+    backbone = build_backbone(cfg)
+    model = build_model(cfg, backbone, build_adapter(cfg.adapter), list(cfg.data.tasks))
+    model.check_checkpoint(ckpt)  # the same backbone, adapter and heads, or a clear error
+    model.load_state_dict({k: v.clone() for k, v in ckpt["state_dict"].items()}, strict=False)
+    model.to(device).eval()
+    model.adapter.merge()
+    return RunModel(model, backbone.tokenizer, OmegaConf.to_container(cfg, resolve=True), run_dir)

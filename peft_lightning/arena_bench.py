@@ -17,9 +17,9 @@ import json
 
 import torch
 
-from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
 from peft_lightning.bench import alternate
-from peft_lightning.ops import cast_packed
+from peft_lightning.fastpath.arena import Arena, ArenaCast, ArenaSite, arena_linear
+from peft_lightning.fastpath.cast import cast_packed
 
 SITES = {  # name: (outs, in, gelu, keep_output, contiguous_output)
     "qkv": ((768, 768, 768), 768, False, True, False),

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.arena import ArenaCast, arena_linear
-from peft_lightning.ops import Dropout, attention, low_rank_linear
+from peft_lightning.layers import Dropout, attention
 
 PrefixKV = tuple[torch.Tensor, torch.Tensor]  # keys, values: (B or 1, heads, P, head_dim)
 
@@ -39,6 +38,12 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
+    """Multi-head self-attention over the tokens and, with prefix tuning, the prefix keys and values.
+
+    `qkv`, when an adapter has installed one (`adapters.fused_qkv`), computes the three projections
+    together (one GEMM instead of three); otherwise each of `query`, `key`, `value` runs on its own.
+    """
+
     def __init__(self, cfg):
         super().__init__()
         self.heads = cfg.num_attention_heads
@@ -47,77 +52,7 @@ class BertSelfAttention(nn.Module):
         self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
         self.dropout_p = cfg.attention_probs_dropout_prob
-        self.fuse_qkv = True
-        self._frozen_qkv: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
-        self.cast_qkv: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None  # set by LoRA for one pass
-
-    def fused_loras(self) -> tuple | None:
-        """The three LoRA layers when q, k, v are all LoRA and can share one product (see `project_qkv`)."""
-        loras = [m for m in (self.query, self.key, self.value) if getattr(m, "shares_qkv_product", False)]
-        if (
-            self.fuse_qkv
-            and len(loras) == 3
-            and len({(m.rank, m.scale, m.merged) for m in loras}) == 1
-            and not hasattr(loras[0].dropout, "p")
-        ):
-            return tuple(loras)
-        return None
-
-    def project_qkv(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections; one GEMM for the three (and one for their LoRA A's) when fusable.
-
-        The three layers share their input, so [Wq; Wk; Wv] x is one (3h x h) product instead of
-        three; with LoRA (or DoRA), [Aq; Ak; Av] x is one product and blockdiag(Bq, Bk, Bv) another. Falls
-        back to the three modules when they differ in kind (LoRA on some only), use LoRA dropout,
-        rescale their input ((IA)^3 feed-forward targets) or have a forward of their own; (IA)^3
-        output scales are one multiply, DoRA's magnitudes one addcmul.
-        `cast_qkv`, when the adapter has set it for this pass, holds those two matrices already in
-        the autocast dtype, or their place in LoRA's `Arena` (then [Wq; Wk; Wv; A] x is one GEMM).
-        """
-        mods = (self.query, self.key, self.value)
-        loras = self.fused_loras()
-        # a plain layer, or one that only rescales its output ((IA)^3), can share the stacked GEMM
-        per_module = any(
-            not isinstance(m, nn.Linear) and (not hasattr(m, "output_scale") or m.feedforward) for m in mods
-        )
-        if not self.fuse_qkv or (loras is None and per_module):
-            return self.query(h), self.key(h), self.value(h)
-        if loras and isinstance(self.cast_qkv, ArenaCast):
-            return arena_linear(h, self.cast_qkv, loras[0].scale, keep_output=True).chunk(3, dim=-1)
-        bases = [getattr(m, "base", m) for m in mods]
-        weight, bias = self._stacked(bases)
-        if loras and not loras[0].merged:
-            if self.cast_qkv is not None:
-                a, b = self.cast_qkv
-            else:
-                a = torch.cat([m.lora_A for m in loras])  # (3r, hidden)
-                b = torch.block_diag(*[m.lora_B for m in loras])  # (3 hidden, 3r)
-            # DoRA: each output row times m / ||W + g B A||, then the bias (one addcmul for the three)
-            factors = [m.factor() for m in loras] if hasattr(loras[0], "factor") else None
-            out = low_rank_linear(h, weight, None if factors else bias, a, b, loras[0].scale, concat=loras[0].concat)
-            if factors:
-                out = torch.addcmul(bias.to(out.dtype), out, torch.cat(factors).to(out.dtype))
-        else:
-            out = F.linear(h, weight, bias)  # (B, T, 3 * hidden)
-            scales = [m.output_scale() if hasattr(m, "output_scale") else None for m in mods]
-            if any(s is not None for s in scales):  # (IA)^3 on some of q, k, v: one multiply for the three
-                ones = [out.new_ones(b.out_features) for b in bases]
-                out = out * torch.cat([o if s is None else s.to(out.dtype) for s, o in zip(scales, ones)])
-        return out.chunk(3, dim=-1)
-
-    def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = [p for b in bases for p in (b.weight, b.bias)]
-        if any(p.requires_grad for p in params) or torch.compiler.is_compiling():  # compile fuses the cat
-            return torch.cat([b.weight for b in bases]), torch.cat([b.bias for b in bases])
-        # frozen: stack once, again only if a weight changed in place (LoRA merge / unmerge, loading)
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
-        if self._frozen_qkv is None or self._frozen_qkv[0] != key:
-            self._frozen_qkv = (
-                key,
-                torch.cat([b.weight for b in bases]).detach(),
-                torch.cat([b.bias for b in bases]).detach(),
-            )
-        return self._frozen_qkv[1], self._frozen_qkv[2]
+        self.qkv: nn.Module | None = None  # h -> (q, k, v); holds no parameters of its own
 
     def forward(self, h: torch.Tensor, mask: torch.Tensor, prefix_kv: PrefixKV | None) -> torch.Tensor:
         B, T, _ = h.shape
@@ -125,7 +60,8 @@ class BertSelfAttention(nn.Module):
         def split_heads(x: torch.Tensor) -> torch.Tensor:
             return x.reshape(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, heads, T, head_dim)
 
-        q, k, v = (split_heads(x) for x in self.project_qkv(h))
+        qkv = self.qkv(h) if self.qkv is not None else (self.query(h), self.key(h), self.value(h))
+        q, k, v = (split_heads(x) for x in qkv)
         if prefix_kv is not None:
             pk, pv = prefix_kv
             k = torch.cat([pk.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)  # (B, heads, P+T, head_dim)
@@ -146,8 +82,8 @@ class BertSelfOutput(nn.Module):
         self.dropout = Dropout(cfg.hidden_dropout_prob)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor, gelu: bool = False) -> torch.Tensor:
-        if gelu:  # x is the FFN pre-activation; a LoRA layer applies GELU itself (and recomputes it)
-            y = self.dense(x, gelu=True) if getattr(self.dense, "takes_gelu", False) else self.dense(F.gelu(x))
+        if gelu:  # x is the FFN pre-activation; a wrapped layer applies GELU itself (and may recompute it)
+            y = self.dense(F.gelu(x)) if isinstance(self.dense, nn.Linear) else self.dense(x, gelu=True)
         else:
             y = self.dense(x)
         return self.LayerNorm(self.dropout(y) + residual)

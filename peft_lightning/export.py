@@ -31,11 +31,8 @@ from pathlib import Path
 
 import torch
 
-from peft_lightning.adapters import IA3, DoRA, DoRALinear, IA3Linear, LoRA, LoRALinear
 from peft_lightning.api import RunModel, load_run
 from peft_lightning.backbone import resolve_source
-
-PEFT_FORMAT = ("lora", "dora", "ia3")
 
 
 class ExportError(ValueError):
@@ -45,7 +42,7 @@ class ExportError(ValueError):
 def plain_state_dict(encoder) -> dict[str, torch.Tensor]:
     """Our encoder's weights under transformers' BertModel names (a wrapper's `base.` dropped, its
     own parameters left out): what `load_backbone` loaded, with merged updates in it."""
-    wrappers = {n for n, m in encoder.named_modules() if isinstance(m, (LoRALinear, DoRALinear, IA3Linear))}
+    wrappers = {n for n, m in encoder.named_modules() if hasattr(m, "peft_tensors")}  # wrapped layers
     out = {}
     for key, value in encoder.state_dict().items():
         owner, _, leaf = key.rpartition(".")
@@ -73,10 +70,10 @@ def export_merged(run: RunModel, out: Path) -> None:
     """A transformers BertModel folder with the adapter merged in (fp32), and the tokenizer."""
     from transformers import BertModel
 
-    if run.module.adapter.name == "prefix":
+    if run.model.adapter.name == "prefix":
         raise ExportError("prefix tuning has no weights to merge (its prefixes are extra keys and values)")
-    encoder = run.module.encoder
-    run.module.adapter.merge()
+    encoder = run.model.encoder
+    run.model.adapter.merge()
     hf = BertModel(hf_config(run), add_pooling_layer=encoder.pooler is not None)
     result = hf.load_state_dict(plain_state_dict(encoder), strict=False)
     if result.missing_keys or result.unexpected_keys:
@@ -87,59 +84,31 @@ def export_merged(run: RunModel, out: Path) -> None:
     run.tokenizer.save_pretrained(out)
 
 
-def peft_config(adapter, base_path: str):
-    import peft
-
-    if isinstance(adapter, IA3):
-        ff = [n for n, m in adapter_layers(adapter) if m.feedforward]
-        return peft.IA3Config(
-            target_modules=list(adapter.target_names), feedforward_modules=ff, base_model_name_or_path=base_path
-        )
-    # g = lora_alpha / r (or / sqrt r with use_rslora); fixed g = 1 is lora_alpha = r
-    alpha = adapter.rank if adapter.scaling == "fixed" else adapter.alpha
-    return peft.LoraConfig(
-        r=adapter.rank,
-        lora_alpha=alpha,
-        use_rslora=adapter.scaling == "rslora",
-        use_dora=isinstance(adapter, DoRA),
-        target_modules=list(adapter.target_names),
-        lora_dropout=adapter.dropout_p,
-        bias="none",
-        base_model_name_or_path=base_path,
-    )
-
-
-def adapter_layers(adapter) -> list[tuple[str, torch.nn.Module]]:
-    return list(zip(adapter.target_names, adapter.layers))
-
-
 @torch.no_grad()
 def export_peft(run: RunModel, out: Path) -> None:
-    """PEFT's adapter_config.json and adapter_model.safetensors (see the module doc)."""
+    """PEFT's adapter_config.json and adapter_model.safetensors (see the module doc), written by PEFT:
+    the strategy's `peft_config()` and each wrapped layer's `peft_tensors()`, copied by name."""
     import peft
     from transformers import BertModel
 
-    adapter = run.module.adapter
+    adapter = run.model.adapter
     adapter.unmerge()  # the factors themselves, not a merged weight
-    base_path = resolve_source(run.config["model"]["source"])
-    hf = BertModel(hf_config(run), add_pooling_layer=run.module.encoder.pooler is not None)
-    pm = peft.get_peft_model(hf, peft_config(adapter, base_path))
-    for name, layer in adapter_layers(adapter):
+    config = {**adapter.peft_config(), "base_model_name_or_path": resolve_source(run.config["model"]["source"])}
+    hf = BertModel(hf_config(run), add_pooling_layer=run.model.encoder.pooler is not None)
+    pm = peft.get_peft_model(hf, peft.get_peft_config(config))
+    for name, layer in zip(adapter.target_names, adapter.layers):
         target = pm.base_model.model.get_submodule(name)
-        if isinstance(layer, IA3Linear):
-            target.ia3_l["default"].data.copy_(layer.ia3_l.data.float().view_as(target.ia3_l["default"]))
-            continue
-        target.lora_A["default"].weight.data.copy_(layer.lora_A.data.float())
-        target.lora_B["default"].weight.data.copy_(layer.lora_B.data.float())
-        if isinstance(layer, DoRALinear):
-            target.lora_magnitude_vector["default"].weight.data.copy_(layer.magnitude.data.float())
+        for part, tensor in layer.peft_tensors().items():
+            slot = getattr(target, part)["default"]  # an nn.Linear (LoRA's A, B; DoRA's magnitude) or a Parameter
+            param = slot.weight if isinstance(slot, torch.nn.Module) else slot
+            param.data.copy_(tensor.data.float().view_as(param))
     pm.save_pretrained(out, safe_serialization=True)
 
 
 def export_heads(run: RunModel, out: Path) -> None:
     from safetensors.torch import save_file
 
-    state = {k: v.detach().float().contiguous() for k, v in run.module.heads.state_dict().items()}
+    state = {k: v.detach().float().contiguous() for k, v in run.model.heads.state_dict().items()}
     save_file(state, out / "heads.safetensors")
     model, data = run.config["model"], run.config["data"]
     features = {"concat": "[u; v]", "sbert": "[u; v; |u - v|; u * v]"}[model["pair_features"]]
@@ -177,8 +146,8 @@ def export(run_dir: str | Path, out: str | Path, merged: bool = False, checkpoin
     """Export a run (see the module doc); returns the folder written."""
     out = Path(out)
     run = load_run(run_dir, checkpoint)
-    name = run.module.adapter.name
-    if not merged and name not in PEFT_FORMAT:
+    name = run.model.adapter.name
+    if not merged and not hasattr(run.model.adapter, "peft_config"):
         if name == "prefix":
             raise ExportError(
                 "prefix tuning is not exportable to PEFT: PEFT passes prefixes as a key/value cache, "
@@ -195,64 +164,13 @@ def export(run_dir: str | Path, out: str | Path, merged: bool = False, checkpoin
     meta = {
         "run_dir": str(Path(run_dir).resolve()),
         "checkpoint": checkpoint,
-        "adapter": run.module.adapter.describe(),
+        "adapter": run.model.adapter.describe(),
         "format": "transformers BertModel (merged)" if merged else "PEFT adapter",
         "backbone": run.config["model"]["source"],
         "tasks": run.tasks,
     }
     (out / "peft_lightning.json").write_text(json.dumps(meta, indent=2) + "\n")
     return out
-
-
-def load_peft_lora(adapter: LoRA, folder: str | Path) -> None:
-    """Set LoRA's A and B from a PEFT LoRA adapter folder (`adapter.init_from`); its rank, targets
-    and scaling must be this adapter's."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    cfg_path, weights = folder / "adapter_config.json", folder / "adapter_model.safetensors"
-    for p in (cfg_path, weights):
-        if not p.is_file():
-            raise ValueError(f"adapter.init_from={folder}: no {p.name} (expected a PEFT LoRA adapter folder)")
-    cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
-        raise ValueError(f"adapter.init_from={folder}: a {cfg.get('peft_type')} adapter, expected LoRA")
-    if cfg.get("r") != adapter.rank:
-        raise ValueError(
-            f"adapter.init_from={folder}: rank {cfg.get('r')}, this adapter has adapter.rank={adapter.rank}"
-        )
-    r = adapter.rank
-    scale = cfg["lora_alpha"] / (r**0.5 if cfg.get("use_rslora") else r)
-    if abs(scale - adapter.scale) > 1e-6 * max(1.0, abs(scale)):
-        raise ValueError(
-            f"adapter.init_from={folder}: its scale is {scale:g} (lora_alpha {cfg['lora_alpha']}, "
-            f"use_rslora {cfg.get('use_rslora', False)}), this adapter's is {adapter.scale:g}; set adapter.scaling/alpha to match"
-        )
-    state = load_file(str(weights))
-    found = {}
-    for key, value in state.items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.weight"
-            if key.endswith(marker):
-                name = key[: -len(marker)].removeprefix("base_model.model.")
-                found[(name, part)] = value
-    names = {n for n, _ in found}
-    mine = set(adapter.target_names)
-    if names != mine:
-        raise ValueError(
-            f"adapter.init_from={folder}: its layers {sorted(names - mine)[:3] or '-'} are not targets here, "
-            f"and {sorted(mine - names)[:3] or '-'} have no factors there; match adapter.targets"
-        )
-    with torch.no_grad():
-        for name, layer in adapter_layers(adapter):
-            for part in ("lora_A", "lora_B"):
-                param = getattr(layer, part)
-                value = found[(name, part)]
-                if value.shape != param.shape:
-                    raise ValueError(
-                        f"adapter.init_from={folder}: {name}.{part} is {tuple(value.shape)}, expected {tuple(param.shape)}"
-                    )
-                param.copy_(value.to(param.dtype))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,8 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peft_lightning.api import load_run
 from peft_lightning.data.readers import DataError
-from peft_lightning.results import atomic_write_text, format_prediction
+from peft_lightning.files import atomic_write_text
+from peft_lightning.results import format_prediction
 from peft_lightning.tasks import TASKS
 
 
@@ -35,8 +37,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    from peft_lightning.api import load_run
-
     try:
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(args.input)

@@ -12,18 +12,10 @@ import csv
 import json
 from pathlib import Path
 
-from peft_lightning.comparisons import findings
+from peft_lightning.findings import findings
 from peft_lightning.results import RESULTS
-from peft_lightning.tables import (
-    bold_best,
-    epochs_table,
-    mean,
-    multitask_table,
-    overrides,
-    score,
-    study_table,
-    varying_keys,
-)
+from peft_lightning.runs import load_runs, mean, overrides, score, varying_keys
+from peft_lightning.tables import bold_best, epochs_table, multitask_table, study_table
 
 PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
 BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head", "peft_methods"]
@@ -42,20 +34,6 @@ TITLES = {
     "tune_lr": "Learning-rate search per strategy (dev, one seed)",
     "tuned": "Each strategy at its own tuned learning rate (dev)",
 }
-
-
-def load_runs(root: Path) -> list[dict]:
-    runs = []
-    for path in sorted(root.rglob(RESULTS)):
-        try:
-            res = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            res = {"status": "failed", "error": f"unreadable results.json: {err}"}
-        res["dir"] = str(path.parent.relative_to(root))
-        res["path"] = str(path.parent)  # its predictions/ folder, for the paired bootstrap
-        res.setdefault("study", path.parent.parent.name)
-        runs.append(res)
-    return runs
 
 
 def markdown(header: list[str], rows: list[list[str]]) -> str:

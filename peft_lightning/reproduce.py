@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+from peft_lightning.config import compose
 from peft_lightning.report import BEYOND, PAPER_STUDIES, build_report
 
 
@@ -46,15 +47,8 @@ def sweep_dir(study: str, budget: str, overrides: list[str]) -> Path:
     """Where `peft-train -m experiment=<study> budget=<budget> <overrides>` puts its jobs: Hydra's
     own `hydra.sweep.dir` for that command (`sweep_root`, `hydra.sweep.dir=...` or any override
     that moves it), so the report is read from where the runs went."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from peft_lightning.train import conf_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        cfg = compose("train", [f"experiment={study}", f"budget={budget}", *overrides], return_hydra_config=True)
-        return Path(str(cfg.hydra.sweep.dir))
+    cfg = compose([f"experiment={study}", f"budget={budget}", *overrides], hydra_config=True)
+    return Path(str(cfg.hydra.sweep.dir))
 
 
 def main(argv: list[str] | None = None) -> None:

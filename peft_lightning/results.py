@@ -11,9 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import resource
-import tempfile
 import time
 from pathlib import Path
 
@@ -23,29 +21,10 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
+from peft_lightning.files import atomic_write, atomic_write_text
 from peft_lightning.tasks import TASKS
 
 RESULTS = "results.json"
-
-
-def file_mode() -> int:
-    """The mode a plainly created file gets (0o666 less the umask): mkstemp's files are 0o600."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -174,7 +153,7 @@ class ResultsWriter(L.Callback):
             self.steady_s = hist[-1].get("steady_s", 0.0)
             self.steady_steps = hist[-1].get("steady_steps", 0)
         self._fit_step0, self._steady_t0 = trainer.global_step, None
-        self.meta["params"] = pl_module.param_counts()
+        self.meta["params"] = pl_module.model.param_counts()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
 
@@ -289,11 +268,7 @@ def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, st
             lines = [["id", "prediction", "label"]]
             lines += [[id_, format_prediction(p), y] for id_, p, y in zip(data.ids, values, labels)]
         path = folder / f"{task}-{split}.tsv"
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, file_mode())
-        with os.fdopen(fd, "w", newline="") as f:
-            csv.writer(f, delimiter="\t", lineterminator="\n").writerows(lines)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f, lines=lines: csv.writer(f, delimiter="\t", lineterminator="\n").writerows(lines))
         written[f"{task}-{split}"] = str(path.relative_to(run_dir))
     return written
 

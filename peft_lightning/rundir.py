@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from peft_lightning.results import file_mode
+from peft_lightning.files import atomic_write
 
 LOCK = ".lock"
 
@@ -87,28 +87,13 @@ class RunLock:
             self.fd = None
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint IO, except that a checkpoint appears whole or not at all."""
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
-        _atomic_torch_save(checkpoint, Path(path))
+        atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True, fsync=True)
 
 
 def remove_partial_files(run_dir: Path) -> list[Path]:

@@ -8,75 +8,13 @@ long run. `multitask_table`: each task's score trained alone beside trained with
 
 from __future__ import annotations
 
-import functools
-import math
-import statistics
-from pathlib import Path
-
-from omegaconf import OmegaConf
-
 from peft_lightning.comparisons import interval_columns
+from peft_lightning.runs import complete, fmt, mean, overrides, score, strategy, varying_keys
 from peft_lightning.tasks import TASK_NAMES, TASKS
-from peft_lightning.train import conf_dir
 
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
 WITH_TRAIN = {"epochs", "lora_rank"}
 WITH_COST = {"main", "peft_methods", "lora_targets"}  # tables that also show parameters, step time, memory
-
-
-@functools.cache
-def ignored_keys() -> frozenset[str]:
-    """Overrides that are not a setting of a row: the seed (averaged over), and those that Hydra
-    leaves out of a run folder's name (conf/train.yaml's `exclude_keys`: where the data, the sweep
-    and the logs live, `budget.seeds`, the launcher), which a rerun or a resume may change."""
-    cfg = OmegaConf.load(Path(conf_dir()) / "train.yaml")
-    return frozenset(["seed", *cfg.hydra.job.config.override_dirname.exclude_keys])
-
-
-def overrides(run: dict) -> dict[str, str]:
-    out = {}
-    for item in run.get("overrides") or []:
-        key, _, value = item.partition("=")
-        out[key.lstrip("+~")] = value
-    return out
-
-
-def strategy(run: dict) -> str:
-    """The run's adapter: as results.json describes it, else its `adapter=` override."""
-    return (run.get("adapter") or {}).get("name") or overrides(run).get("adapter", "?")
-
-
-def varying_keys(runs: list[dict]) -> list[str]:
-    keys: list[str] = []
-    for r in runs:
-        for k in overrides(r):
-            if k not in keys and k not in ignored_keys():
-                keys.append(k)
-    return [k for k in keys if len({overrides(r).get(k) for r in runs}) > 1] or keys[:1]
-
-
-def fmt(values: list[float], digits: int = 4) -> str:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def mean(values: list[float | None]) -> float | None:
-    values = [v for v in values if v is not None and not math.isnan(v)]
-    return statistics.mean(values) if values else None
-
-
-def score(entry: dict | None, part: str, task: str, metric: str) -> float | None:
-    return ((entry or {}).get(part) or {}).get(task, {}).get(metric)
-
-
-def complete(members: list[dict]) -> tuple[list[dict], list[str]]:
-    """The complete runs (with a best epoch), and a "status: error" line for each of the others."""
-    ok = [r for r in members if r.get("status") == "complete" and r.get("best")]
-    return ok, [f"{r.get('status', '?')}: {r.get('error', '')}".strip(": ") for r in members if r not in ok]
 
 
 def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]], list[list[float | None]]]:

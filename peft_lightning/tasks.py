@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
+
 
 @dataclass(frozen=True)
 class Task:
@@ -39,6 +42,20 @@ class Task:
     @property
     def is_pair(self) -> bool:
         return self.kind == "pair"
+
+    def loss(self, output: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """MSE on the score (regression), cross-entropy on the logits (classification), in fp32."""
+        if self.is_regression:
+            return F.mse_loss(output.float(), labels.float())
+        return F.cross_entropy(output.float(), labels.long())
+
+    def target(self, labels: torch.Tensor) -> torch.Tensor:
+        """Labels as the metrics take them: scores as they are, classes as integers."""
+        return labels if self.is_regression else labels.long()
+
+    def prediction(self, output: torch.Tensor) -> torch.Tensor:
+        """A head's output as a prediction: the score (fp32), or the class with the highest logit."""
+        return output.float() if self.is_regression else output.argmax(-1)
 
 
 TASKS: dict[str, Task] = {

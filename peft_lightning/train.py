@@ -8,10 +8,8 @@ interrupted one resumes from `checkpoints/last.ckpt` (`ckpt_path=auto`, the defa
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
 import sys
 import traceback
 import uuid
@@ -21,20 +19,21 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra.utils import instantiate, to_absolute_path
+from hydra.utils import get_class, to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from peft_lightning.backbone import load_backbone
+from peft_lightning.build import build
 from peft_lightning.checks import whole
+from peft_lightning.config import VERSION_BASE, conf_dir
 from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
+from peft_lightning.files import atomic_write_text
 from peft_lightning.gpus import gpu_slot
 from peft_lightning.module import MultiTaskModule
 from peft_lightning.results import (
     ResultsWriter,
     ResumableCSVLogger,
-    atomic_write_text,
     checkpoint_step,
     collect_predictions,
     in_row_order,
@@ -54,56 +53,6 @@ from peft_lightning.rundir import (
 )
 
 log = logging.getLogger("peft_lightning")
-
-
-def conf_dir() -> str:
-    """`conf/` of a source checkout, or the copy packaged inside the wheel."""
-    here = Path(__file__).resolve().parent
-    for cand in (here / "conf", here.parent / "conf"):
-        if (cand / "train.yaml").is_file():
-            return str(cand)
-    raise FileNotFoundError(f"no conf/train.yaml next to {here}")
-
-
-MAX_RUN_NAME = 200  # bytes; a file name may have 255
-
-
-def _run_name(dirname: str) -> str:
-    """A run folder's name: the job's overrides (`a=1,b=2`). Over 200 bytes it is cut after a whole
-    override and ends in `sha1=<10 hex>` of the full name, so the same overrides name the same folder
-    (and resume it) and no file system refuses it."""
-    name = dirname.replace("/", "_") if dirname else "default"
-    raw = name.encode()
-    if len(raw) <= MAX_RUN_NAME:
-        return name
-    head = raw[: MAX_RUN_NAME - len(",sha1=") - 10].decode(errors="ignore")
-    if "," in head:
-        head = head.rsplit(",", 1)[0]
-    return f"{head},sha1={hashlib.sha1(raw).hexdigest()[:10]}"
-
-
-OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
-OmegaConf.register_new_resolver("join", lambda xs: ",".join(str(x) for x in xs), replace=True)
-
-
-def build_adapter(adapter_cfg: DictConfig):
-    """Instantiate `adapter=...`; an unknown option or bad value becomes one clear ValueError."""
-    import inspect
-
-    from hydra.errors import InstantiationException
-    from hydra.utils import get_class
-
-    target = adapter_cfg.get("_target_")
-    cls = get_class(target)
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    unknown = [k for k in adapter_cfg if k != "_target_" and k not in accepted]
-    if unknown:
-        raise ValueError(f"adapter.{unknown[0]} is not an option of {cls.__name__}; options are {accepted}")
-    try:
-        return instantiate(adapter_cfg, _convert_="all")
-    except InstantiationException as err:
-        cause = err.__cause__ if err.__cause__ is not None else err
-        raise ValueError(str(cause)) from err
 
 
 def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
@@ -133,6 +82,10 @@ def precision_for(cfg_precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
+def uses_wandb(cfg: DictConfig) -> bool:
+    return str(cfg.logger.get("_target_", "")).endswith("WandbLogger")
+
+
 def build_loggers(
     cfg: DictConfig,
     run_dir: Path,
@@ -141,34 +94,28 @@ def build_loggers(
     resume_step: int = 0,
     wandb_id: str | None = None,
 ) -> list:
-    kind = cfg.logger.get("kind", "csv")
+    """The CSV log (`logger.csv`, on unless logger=none) and the `logger` group's `_target_` (wandb), with
+    what only the run knows: its name, folder, id (a resumed run goes on as the same wandb run), config."""
+    options = OmegaConf.to_container(cfg.logger, resolve=True)
     loggers: list = []
-    if kind in ("csv", "wandb"):
+    if options.pop("csv", True):
         loggers.append(ResumableCSVLogger(resume_step=resume_step, save_dir=str(run_dir), name="csv", version=""))
-    if kind == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        if cfg.logger.mode == "auto":
-            has_key = bool(os.environ.get("WANDB_API_KEY")) or (Path.home() / ".netrc").is_file()
-            mode = os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
-        else:
-            mode = cfg.logger.mode
-        loggers.append(
-            WandbLogger(
-                project=cfg.logger.project,
-                entity=cfg.logger.get("entity"),
-                group=cfg.logger.get("group") or cfg.study,
-                job_type=cfg.logger.get("job_type") or adapter_name,
-                name=run_name,
-                id=wandb_id,
-                resume="allow",  # the same id again (a resumed run) continues that wandb run
-                save_dir=str(run_dir),
-                offline=mode == "offline",
-                mode=mode,
-                tags=list(cfg.logger.get("tags") or []),
-                config=OmegaConf.to_container(cfg, resolve=True),
-            )
+    target = options.pop("_target_", None)
+    if target is None:
+        return loggers
+    if uses_wandb(cfg):
+        options.update(
+            group=options.get("group") or cfg.study,
+            job_type=options.get("job_type") or adapter_name,
+            name=run_name,
+            id=wandb_id,
+            resume="allow",
+            save_dir=str(run_dir),
+            offline=options.get("mode") == "offline",
+            tags=list(options.get("tags") or []),
+            config=OmegaConf.to_container(cfg, resolve=True),
         )
+    loggers.append(get_class(target)(**options))
     return loggers
 
 
@@ -193,66 +140,13 @@ def train(cfg: DictConfig) -> dict:
         return _train(cfg, run_dir)
 
 
-TUNED_ROLE = {"full": "lr", "frozen": "head_lr"}  # what optim.tuned_lr sets; every other strategy: adapter_lr
-
-
-def learning_rates(cfg: DictConfig, strategy: str) -> dict:
-    """lr, adapter_lr and head_lr of a run. `optim.tuned_lr` (the lr search of `peft-tune`) sets the
-    one that moves the strategy's own parameters: the encoder's for full fine-tuning, the heads' for
-    the frozen backbone, the adapter's for the others."""
-    lrs = {"lr": cfg.optim.lr, "adapter_lr": cfg.optim.adapter_lr, "head_lr": cfg.optim.head_lr}
-    tuned = cfg.optim.get("tuned_lr")
-    if tuned is not None:
-        lrs[TUNED_ROLE.get(strategy, "adapter_lr")] = tuned
-    return lrs
-
-
-def build(cfg: DictConfig) -> tuple:
-    """The backbone, data module and module a run's (resolved) config describes, as `peft-train`
-    builds them; `load_run` builds a finished run's the same way."""
-    backbone = load_backbone(
-        cfg.model.source,
-        cfg.model.pooling,
-        cfg.model.random_init,
-        OmegaConf.to_container(cfg.model.config_overrides) if cfg.model.get("config_overrides") else None,
-        cfg.seed,
-    )
-    positions = backbone.encoder.config.max_position_embeddings
-    if isinstance(cfg.data.max_length, int) and cfg.data.max_length > positions:
-        raise ValueError(f"data.max_length={cfg.data.max_length} is more than the backbone's {positions} positions")
-    data_kwargs = OmegaConf.to_container(cfg.data, resolve=True)
-    data_dir = to_absolute_path(data_kwargs.pop("dir"))
-    dm = MultiTaskDataModule(data_dir, backbone.tokenizer, seed=cfg.seed, **data_kwargs)
-    adapter = build_adapter(cfg.adapter)
-    lrs = learning_rates(cfg, adapter.name)
-    module = MultiTaskModule(
-        backbone.encoder,
-        adapter,
-        tasks=dm.task_names,
-        pooling=cfg.model.pooling,
-        pair_encoding=cfg.data.pair_encoding,
-        sts_head=cfg.model.sts_head,
-        head_dropout=cfg.model.head_dropout,
-        pair_features=cfg.model.pair_features,
-        **lrs,
-        weight_decay=cfg.optim.weight_decay,
-        lr_schedule=cfg.optim.lr_schedule,
-        warmup_ratio=cfg.optim.warmup_ratio,
-        seed=cfg.seed,
-        fuse_passes=cfg.model.fuse_passes,
-        compile=cfg.model.get("compile", False),
-        identity=backbone.identity,
-    )
-    return backbone, dm, module
-
-
 def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if not cfg.force and is_complete(run_dir):
         log.info("%s is complete; skipping (force=true reruns it)", run_dir)
         return read_results(run_dir)
     L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
     backbone, dm, module = build(cfg)
-    adapter = module.adapter
+    adapter = module.model.adapter
     run_name = cfg.get("run_name") or run_dir.name
     meta = {
         "run_name": run_name,
@@ -263,13 +157,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "tasks": dm.task_names,
         "epochs": cfg.trainer.max_epochs,
         "seed": cfg.seed,
-        "lr": learning_rates(cfg, adapter.name),  # what each parameter group trains at (optim.tuned_lr applied)
+        "lr": module.optim.learning_rates(),  # what each parameter group trains at (optim.tuned_lr applied)
         "overrides": list(cfg.get("overrides") or []),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
     # force=true reruns from scratch: an old last.ckpt is not resumed (an explicit path still is)
     ckpt = None if cfg.force and cfg.ckpt_path == "auto" else resolve_ckpt(cfg.ckpt_path, run_dir)
-    if cfg.logger.get("kind") == "wandb":  # a resumed run goes on as the same wandb run
+    if uses_wandb(cfg):  # a resumed run goes on as the same wandb run
         previous = (read_results(run_dir) or {}).get("wandb_id") if ckpt else None
         meta["wandb_id"] = previous or uuid.uuid4().hex[:16]
     writer = ResultsWriter(run_dir, meta)
@@ -348,7 +242,7 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
         )
         raise
     finally:
-        if cfg.logger.get("kind") == "wandb":
+        if uses_wandb(cfg):
             import wandb
 
             wandb.finish()
@@ -415,7 +309,7 @@ def rank_note() -> str:
     return f" on rank {rank}" if rank else ""
 
 
-@hydra.main(version_base="1.3", config_path=conf_dir(), config_name="train")
+@hydra.main(version_base=VERSION_BASE, config_path=conf_dir(), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

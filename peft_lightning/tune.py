@@ -25,9 +25,10 @@ import sys
 import time
 from pathlib import Path
 
-from peft_lightning.report import load_runs
+from peft_lightning.config import compose
+from peft_lightning.optim import TUNED_ROLE
 from peft_lightning.reproduce import report_and_exit, sweep_dir
-from peft_lightning.train import TUNED_ROLE
+from peft_lightning.runs import load_runs
 
 
 def parse(argv: list[str]) -> tuple[str, list[str]]:
@@ -41,14 +42,7 @@ def parse(argv: list[str]) -> tuple[str, list[str]]:
 
 
 def composed(budget: str, overrides: list[str]):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from peft_lightning.train import conf_dir
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base="1.3"):
-        return compose("train", [f"budget={budget}", *overrides])
+    return compose([f"budget={budget}", *overrides])
 
 
 def choose(runs: list[dict], strategies: list[str]) -> dict[str, dict]:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import random
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+from peft_lightning.encoder import BertEncoder
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -136,6 +141,114 @@ def tiny_overrides(model_dir: Path, data_dir: Path, out: Path, *extra: str) -> l
         "data.max_length=64",  # the tiny model's positions
         *extra,
     ]
+
+
+# ---- encoders and adapters: shared by the encoder and adapter tests ------------------------------
+
+# LoRA / DoRA against PEFT: our targets and scaling, and PEFT's target_modules, lora_alpha, use_rslora
+PEFT_CASES = [
+    (["all"], "fixed", "all-linear", 8, False),
+    (["query", "value"], "fixed", ["query", "value"], 8, False),
+    (["all"], "alpha_over_r", "all-linear", 16, False),
+    (["query", "value"], "alpha_over_r", ["query", "value"], 16, False),
+    (["all"], "rslora", "all-linear", 16, True),
+    (["query", "value"], "rslora", ["query", "value"], 16, True),
+]
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="needs peft (pip install -e '.[dev]')")
+
+
+def tiny_config(**kw) -> BertConfig:
+    base = dict(
+        vocab_size=50,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=40,
+    )
+    base.update(kw)
+    return BertConfig(**base)
+
+
+def pair(seed: int = 0, **kw) -> tuple[BertModel, BertEncoder]:
+    torch.manual_seed(seed)
+    hf = BertModel(tiny_config(**kw)).eval()
+    ours = BertEncoder(hf.config)
+    ours.load_state_dict(hf.state_dict())
+    return hf, ours.eval()
+
+
+def inputs(B: int = 3, T: int = 9, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 50, (B, T), generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[1, 6:] = 0
+    mask[2, 3:] = 0
+    ids[mask == 0] = 0
+    types = torch.zeros(B, T, dtype=torch.long)
+    types[:, 4:] = 1
+    return ids, mask, types
+
+
+def assert_encodes_like(ours: BertEncoder, reference, adapted: bool = False):
+    """Our encoder's hidden states (real tokens) and pooler output equal `reference`'s (a BertModel,
+    or a PEFT model around one) on `inputs()`; with `adapted`, they also differ from the plain
+    encoder's (the adapter is in use). Returns our hidden states and the reference's output."""
+    ids, mask, types = inputs()
+    ref = reference(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    h = ours(ids, mask, types)
+    real = mask.bool()
+    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
+    assert torch.allclose(ours.pool(h, mask, "pooler"), ref.pooler_output, atol=1e-5)
+    if adapted:
+        with torch.no_grad():
+            assert (pair()[1](ids, mask, types)[real] - h[real]).abs().max() > 1e-2
+    return h, ref
+
+
+def randomise_lora_like(encoder: BertEncoder, kind, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for m in encoder.modules():
+        if isinstance(m, kind):
+            m.lora_A.data = torch.randn(m.lora_A.shape, generator=g) * 0.1
+            m.lora_B.data = torch.randn(m.lora_B.shape, generator=g) * 0.1
+
+
+def assert_merges_exactly(adapter, ours) -> None:
+    """Merged equals unmerged to 1e-5 (fp32); unmerging gives back every frozen weight bit for bit."""
+    ids, mask, types = inputs()
+    frozen_before = {n: p.clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    unmerged = ours(ids, mask, types)
+    adapter.merge()
+    assert all(m.merged for m in adapter.layers)
+    assert torch.allclose(ours(ids, mask, types), unmerged, atol=1e-5)
+    adapter.unmerge()
+    for n, p in ours.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+    assert torch.equal(ours(ids, mask, types), unmerged)
+
+
+def assert_stays_unmerged_in_16_bit(adapter, ours) -> None:
+    """With the frozen weights in bf16 (the GPU fast path), merging does nothing and changes nothing."""
+    for layer in adapter.layers:
+        layer.base.weight.data = layer.base.weight.data.to(torch.bfloat16)
+    ids, mask, types = inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        unmerged = ours(ids, mask, types)
+        adapter.merge()
+        assert not any(m.merged for m in adapter.layers)
+        assert torch.equal(ours(ids, mask, types), unmerged)
+
+
+def bert_base_encoder(pooler: bool = True) -> BertEncoder:
+    with torch.device("meta"):
+        return BertEncoder(BertConfig(), add_pooler=pooler)
+
+
+def trainable(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -10,10 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from peft_lightning.adapters import LoRA
-from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
 from peft_lightning.bench import GEMMS, OpCounter
-from peft_lightning.module import MultiTaskModule, store_frozen_in
-from peft_lightning.ops import cast_packed
+from peft_lightning.fastpath.arena import Arena, ArenaCast, ArenaSite, arena_linear
+from peft_lightning.fastpath.cast import cast_packed
+from peft_lightning.fastpath.precision import store_frozen_in
+from peft_lightning.model import MultiTaskModel
+from peft_lightning.module import MultiTaskModule
+from peft_lightning.tasks import TASKS
 
 
 def site_operands(outs, in_f, ranks, seed=0, bias=True):
@@ -118,7 +121,7 @@ def bf16_module(tiny_model_dir, rank=4, use_arena=True, concat=False, scaling="f
 
     bb = load_backbone(str(tiny_model_dir), "mean")
     lora = LoRA(rank=rank, arena=use_arena, concat=concat, scaling=scaling)
-    module = MultiTaskModule(bb.encoder, lora, pooling="mean", fuse_passes=True)
+    module = MultiTaskModule(MultiTaskModel(bb.encoder, lora, pooling="mean", fuse_passes=True))
     store_frozen_in(module.encoder, torch.bfloat16)  # as on the GPU fast path
     for layer in module.adapter.layers:  # B = 0 at init would hide a wrong B layout
         torch.nn.init.normal_(layer.lora_B, std=b_std, generator=torch.Generator().manual_seed(len(layer.lora_B)))
@@ -130,7 +133,7 @@ def bf16_step(module, batch, autocast=True) -> tuple[torch.Tensor, dict, dict]:
     module.zero_grad(set_to_none=True)
     with OpCounter() as counter:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):  # the forward only, as bf16-mixed
-            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+            loss = sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in module(batch).items())
         loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}, counter.counts
 
@@ -172,7 +175,7 @@ def test_a_lora_step_in_the_arena_is_the_same_step_with_six_gemms_fewer_a_layer(
 
     for layer in arena_module.adapter.layers:
         assert inside(layer.base.weight, arena.flat) and inside(layer.base.bias, arena.bias_flat)
-    assert all(layer.attention.self._frozen_qkv is None for layer in arena_module.encoder.encoder.layer)
+    assert all(layer.attention.self.qkv._frozen is None for layer in arena_module.encoder.encoder.layer)
 
 
 @pytest.mark.parametrize("rank,scaling", [(4, "fixed"), (3, "rslora")], ids=["r4", "r3_padded_scaled"])
@@ -238,14 +241,14 @@ def test_the_arena_follows_optimizer_steps_loads_and_replaced_weights(tiny_model
     _, grads1, _ = bf16_step(module, batch)
     module.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss2 = sum(sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items()) for _ in range(2))
+        loss2 = sum(sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in module(batch).items()) for _ in range(2))
     loss2.backward()
     for n, p in module.named_parameters():
         if p.requires_grad:
             assert torch.allclose(p.grad, 2 * grads1[n], rtol=1e-3, atol=1e-6), n
 
     # a frozen weight loaded in place lands in the arena; one replaced by a new tensor rebuilds it
-    key = "encoder.encoder.layer.0.intermediate.dense.base.weight"
+    key = "model.encoder.encoder.layer.0.intermediate.dense.base.weight"
     new = torch.randn_like(module.state_dict()[key])
     module.load_state_dict({key: new}, strict=False)
     assert torch.equal(module.encoder.encoder.layer[0].intermediate.dense.base.weight, new)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
-
-pytest.importorskip("peft")
+from conftest import needs_peft
 
 from peft_lightning import bench  # noqa: E402
 
 
+@needs_peft
 def test_bench_prints_one_line_per_impl_with_ratios(tmp_path, capsys):
+    import peft  # noqa: F401 (needs_peft)
+
     out = tmp_path / "bench.jsonl"
     argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8"]
     bench.main([*argv, "--cases", "lora_r8", "frozen", "--steps", "2", "--warmup", "1", "--out", str(out)])
@@ -40,7 +42,10 @@ def test_bench_prints_one_line_per_impl_with_ratios(tmp_path, capsys):
     assert rows[2]["ops_per_step"] < rows[0]["ops_per_step"]  # frozen: no encoder backward at all
 
 
+@needs_peft
 def test_bench_dora_case_against_peft_dora(capsys):
+    import peft  # noqa: F401 (needs_peft)
+
     argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8", "--no-vs-full"]
     bench.main([*argv, "--cases", "dora_r8", "--steps", "1", "--warmup", "1"])
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")][1:]
@@ -49,9 +54,12 @@ def test_bench_dora_case_against_peft_dora(capsys):
     assert rows[0]["encoder_trainable"] == rows[1]["encoder_trainable"] == 14336 + 896
 
 
+@needs_peft
 def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     """The GPU path's bf16 step on CPU: LoRA's A and B arrive cast in a few ops, so a LoRA step
     dispatches fewer ops than a full fine-tuning step of the same model."""
+    import peft  # noqa: F401 (needs_peft)
+
     argv = ["--device", "cpu", "--model", "tiny", "--bf16", "--batch-sizes", "2", "--length", "8"]
     cases = ["full", "lora_r8", "lora_r8_no_arena"]
     bench.main([*argv, "--cases", *cases, "--steps", "1", "--warmup", "1", "--no-vs-full"])
@@ -72,6 +80,7 @@ def test_bench_bf16_counts_fewer_ops_with_packed_lora_casts(capsys):
     assert gemms[("full", "ours")] < gemms[("lora_r8", "ours")] < ops[("lora_r8", "ours")]
 
 
+@needs_peft
 @pytest.mark.slow
 def test_bench_compile_mode_compiles_our_encoder(capsys):
     argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8", "--steps", "1"]
@@ -83,6 +92,7 @@ def test_bench_compile_mode_compiles_our_encoder(capsys):
     assert ours["ops_per_step"] is None and theirs["ops_per_step"] > 0  # no op counting inside compiled code
 
 
+@needs_peft
 def test_bench_profile_writes_op_tables_for_ours_and_our_full(tmp_path, capsys):
     argv = ["--device", "cpu", "--model", "tiny", "--batch-sizes", "2", "--length", "8", "--steps", "1"]
     bench.main(

@@ -78,13 +78,13 @@ def test_experiments_hold_their_sweeps(study, expected):
 
 
 def test_conf_dir_is_found():
-    from peft_lightning.train import conf_dir
+    from peft_lightning.config import conf_dir
 
     assert Path(conf_dir()) == ROOT / "conf"
 
 
 def test_run_folder_names_fit_a_file_system():
-    from peft_lightning.train import MAX_RUN_NAME, _run_name
+    from peft_lightning.config import MAX_RUN_NAME, _run_name
 
     assert _run_name("") == "default"
     assert _run_name("adapter=lora,model/x=1") == "adapter=lora,model_x=1"

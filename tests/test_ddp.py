@@ -39,7 +39,7 @@ def read_tsv(path: Path) -> list[list[str]]:
 
 def single_process_validate(overrides: list[str], ckpt: Path) -> tuple[dict, dict]:
     """Dev metrics and dev predictions of `ckpt` computed by one process, built from the same config."""
-    from peft_lightning.train import build
+    from peft_lightning.build import build
 
     cfg = compose(overrides)
     L.seed_everything(cfg.seed, verbose=False)

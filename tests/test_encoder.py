@@ -4,58 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertModel
+from conftest import assert_encodes_like, inputs, pair, tiny_config
 
 from peft_lightning.encoder import BertEncoder
-
-
-def tiny_config(**kw) -> BertConfig:
-    base = dict(
-        vocab_size=50,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=40,
-    )
-    base.update(kw)
-    return BertConfig(**base)
-
-
-def pair(seed: int = 0, **kw) -> tuple[BertModel, BertEncoder]:
-    torch.manual_seed(seed)
-    hf = BertModel(tiny_config(**kw)).eval()
-    ours = BertEncoder(hf.config)
-    ours.load_state_dict(hf.state_dict())
-    return hf, ours.eval()
-
-
-def inputs(B: int = 3, T: int = 9, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 50, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    mask[1, 6:] = 0
-    mask[2, 3:] = 0
-    ids[mask == 0] = 0
-    types = torch.zeros(B, T, dtype=torch.long)
-    types[:, 4:] = 1
-    return ids, mask, types
-
-
-def assert_encodes_like(ours: BertEncoder, reference, adapted: bool = False):
-    """Our encoder's hidden states (real tokens) and pooler output equal `reference`'s (a BertModel,
-    or a PEFT model around one) on `inputs()`; with `adapted`, they also differ from the plain
-    encoder's (the adapter is in use). Returns our hidden states and the reference's output."""
-    ids, mask, types = inputs()
-    ref = reference(input_ids=ids, attention_mask=mask, token_type_ids=types)
-    h = ours(ids, mask, types)
-    real = mask.bool()
-    assert torch.allclose(h[real], ref.last_hidden_state[real], atol=1e-5)
-    assert torch.allclose(ours.pool(h, mask, "pooler"), ref.pooler_output, atol=1e-5)
-    if adapted:
-        with torch.no_grad():
-            assert (pair()[1](ids, mask, types)[real] - h[real]).abs().max() > 1e-2
-    return h, ref
 
 
 @torch.no_grad()
@@ -127,6 +78,7 @@ def test_rejects_unsupported_configs():
 @torch.no_grad()
 def test_fused_qkv_equals_separate_projections():
     from peft_lightning.adapters import LoRA
+    from peft_lightning.adapters.fused_qkv import install_fused_qkv
 
     for targets in (["all"], ["query", "value"], None):
         _, ours = pair()
@@ -135,8 +87,10 @@ def test_fused_qkv_equals_separate_projections():
             for m in ours.modules():
                 if hasattr(m, "lora_B"):
                     m.lora_B.data.normal_(0, 0.1)
+        else:
+            install_fused_qkv(ours)  # plain layers: the stacked product
         ids, mask, types = inputs()
         fused = ours(ids, mask, types)
         for layer in ours.encoder.layer:
-            layer.attention.self.fuse_qkv = False
+            layer.attention.self.qkv = None
         assert torch.allclose(fused, ours(ids, mask, types), atol=1e-5), targets

@@ -8,14 +8,13 @@ import json
 
 import pytest
 import torch
-from conftest import compose, make_data_dir, tiny_overrides
+from conftest import compose, make_data_dir, needs_peft, tiny_overrides
 
 from peft_lightning import load_run
+from peft_lightning.build import build
 from peft_lightning.export import ExportError, export
 from peft_lightning.predict import main as predict_main
-from peft_lightning.train import build, train
-
-peft = pytest.importorskip("peft")
+from peft_lightning.train import train
 
 SENTENCES = ["the movie is very good", "a dog plays guitar", "why do i like the city ?", "the cast was dull"]
 
@@ -45,7 +44,7 @@ def ours(run) -> torch.Tensor:
     batch = run.tokenizer(SENTENCES, padding=True, return_tensors="pt")
     types = torch.zeros_like(batch["input_ids"])
     with torch.no_grad():
-        return run.module.encoder(batch["input_ids"], batch["attention_mask"], types)
+        return run.model.encoder(batch["input_ids"], batch["attention_mask"], types)
 
 
 def base_model(model_dir):
@@ -59,6 +58,7 @@ LORA_CASES = [
 ]
 
 
+@needs_peft
 @pytest.mark.parametrize(
     "adapter",
     [f"adapter=lora adapter.targets={t} adapter.scaling={s} adapter.alpha=6" for t, s in LORA_CASES]
@@ -69,6 +69,8 @@ LORA_CASES = [
     ],
 )
 def test_export_then_peft_from_pretrained_encodes_like_ours(adapter, tiny_model_dir, data, tmp_path):
+    import peft
+
     train_tiny(tiny_model_dir, data, tmp_path / "run", *adapter.split())
     out = export(tmp_path / "run", tmp_path / "export")
     assert {"adapter_config.json", "adapter_model.safetensors", "heads.safetensors", "heads.json"} <= {
@@ -76,16 +78,16 @@ def test_export_then_peft_from_pretrained_encodes_like_ours(adapter, tiny_model_
     }
     pm = peft.PeftModel.from_pretrained(base_model(tiny_model_dir), out).eval()
     run = load_run(tmp_path / "run")
-    run.module.adapter.unmerge()  # the factors as trained, not merged into W
+    run.model.adapter.unmerge()  # the factors as trained, not merged into W
     ref, real = encode(run.tokenizer, pm)
     mine = ours(run)
     assert (mine[real] - ref[real]).abs().max() < 1e-5
     plain, _ = encode(run.tokenizer, base_model(tiny_model_dir))
     assert (mine[real] - plain[real]).abs().max() > 1e-3  # the adapter is in use
     config = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == sorted(run.module.adapter.target_names)
+    assert sorted(config["target_modules"]) == sorted(run.model.adapter.target_names)
     if "lora" in adapter or "dora" in adapter:
-        a = run.module.adapter
+        a = run.model.adapter
         assert config["r"] == a.rank and config["use_dora"] == (a.name == "dora")
         g = config["lora_alpha"] / (config["r"] ** 0.5 if config["use_rslora"] else config["r"])
         assert abs(g - a.scale) < 1e-9
@@ -107,6 +109,7 @@ def test_merged_export_is_a_plain_bertmodel(adapter, tiny_model_dir, data, tmp_p
     assert (mine[real] - base[real]).abs().max() > 1e-3
 
 
+@needs_peft
 def test_heads_export_says_their_shapes(tiny_model_dir, data, tmp_path):
     from safetensors.torch import load_file
 
@@ -119,8 +122,8 @@ def test_heads_export_says_their_shapes(tiny_model_dir, data, tmp_path):
     for task, head in spec["heads"].items():
         for name, shape in head["tensors"].items():
             assert list(heads[f"{task}.{name}"].shape) == shape
-            assert torch.equal(heads[f"{task}.{name}"], run.module.heads[task].state_dict()[name].float())
-    hidden = run.module.encoder.config.hidden_size
+            assert torch.equal(heads[f"{task}.{name}"], run.model.heads[task].state_dict()[name].float())
+    hidden = run.model.encoder.config.hidden_size
     first = next(iter(spec["heads"]["qqp"]["tensors"].values()))
     assert first[1] == 2 * hidden  # [u; v]
 
@@ -183,13 +186,14 @@ def test_peft_predict_bad_input_names_file_and_line(tiny_model_dir, data, tmp_pa
     assert rows[0] == ["id", "prediction"] and rows[1][0] == "x7" and rows[1][1] in ("0", "1")
 
 
+@needs_peft
 def test_init_from_an_exported_adapter_gives_the_same_encoder(tiny_model_dir, data, tmp_path):
     train_tiny(
         tiny_model_dir, data, tmp_path / "run", "adapter=lora", "adapter.rank=4", "adapter.targets=[query,value]"
     )
     out = export(tmp_path / "run", tmp_path / "export")
     trained = load_run(tmp_path / "run")
-    trained.module.adapter.unmerge()
+    trained.model.adapter.unmerge()
     overrides = tiny_overrides(
         tiny_model_dir,
         data,

@@ -12,7 +12,10 @@ from peft_lightning.adapters import DoRA, LoRA, Prefix
 from peft_lightning.backbone import load_backbone
 from peft_lightning.bench import OpCounter
 from peft_lightning.data import MultiTaskDataModule
-from peft_lightning.module import MultiTaskModule, store_frozen_in
+from peft_lightning.fastpath.precision import store_frozen_in
+from peft_lightning.model import MultiTaskModel
+from peft_lightning.module import MultiTaskModule
+from peft_lightning.tasks import TASKS
 
 
 def losses(
@@ -21,10 +24,13 @@ def losses(
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
     module = MultiTaskModule(
-        bb.encoder, make_adapter(), pooling="mean", fuse_passes=fast, pair_features="sbert", compile=compile
+        MultiTaskModel(
+            bb.encoder, make_adapter(), pooling="mean", fuse_passes=fast, pair_features="sbert", compile=compile
+        )
     )
     for layer in module.encoder.encoder.layer:
-        layer.attention.self.fuse_qkv = fast
+        if not fast:
+            layer.attention.self.qkv = None  # q, k, v each its own product
     module.configure_model()  # compiles the encoder when asked, as the Trainer does
     dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16 if fast else 1)
     dm.setup()
@@ -40,7 +46,7 @@ def run_steps(module, dm, opt, steps: int, bf16: bool = False) -> list[float]:
     for batch, _ in zip(dm.train_dataloader(), range(steps)):
         batch = module.transfer_batch_to_device(batch, module.device, 0)
         with torch.autocast(module.device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+            loss = sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in module(batch).items())
         loss.backward()
         opt.step()
         opt.zero_grad()
@@ -88,7 +94,7 @@ def test_compiled_lora_gives_the_eager_gradients(tiny_model_dir, concat):
 
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
-    eager = MultiTaskModule(bb.encoder, LoRA(rank=4, concat=concat), pooling="mean", fuse_passes=True)
+    eager = MultiTaskModule(MultiTaskModel(bb.encoder, LoRA(rank=4, concat=concat), pooling="mean", fuse_passes=True))
     with torch.no_grad():
         for name, p in eager.named_parameters():
             if name.endswith("lora_B"):
@@ -100,7 +106,7 @@ def test_compiled_lora_gives_the_eager_gradients(tiny_model_dir, concat):
     grads = []
     for module in (eager, compiled):
         module.eval()  # no dropout
-        sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items()).backward()
+        sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in module(batch).items()).backward()
         grads.append({n: p.grad for n, p in module.named_parameters() if p.requires_grad})
     torch._dynamo.reset()
     assert grads[0].keys() == grads[1].keys() and any("lora_A" in n for n in grads[0])
@@ -122,7 +128,9 @@ def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir, concat)
     counters.clear()
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, LoRA(rank=4, concat=concat), pooling="mean", fuse_passes=True, compile=True)
+    module = MultiTaskModule(
+        MultiTaskModel(bb.encoder, LoRA(rank=4, concat=concat), pooling="mean", fuse_passes=True, compile=True)
+    )
     module.configure_model()
     module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-3)
@@ -143,7 +151,7 @@ def test_compiled_encoder_does_not_recompile_every_batch(tiny_model_dir, concat)
 def test_unknown_compile_mode_is_refused(tiny_model_dir):
     bb = load_backbone(str(tiny_model_dir), "mean")
     with pytest.raises(ValueError, match=r"model.compile='fast' is unknown; expected true, false or one of"):
-        MultiTaskModule(bb.encoder, LoRA(rank=4), pooling="mean", compile="fast")
+        MultiTaskModule(MultiTaskModel(bb.encoder, LoRA(rank=4), pooling="mean", compile="fast"))
 
 
 def gpu_losses(
@@ -162,16 +170,19 @@ def gpu_losses(
     torch.manual_seed(0)
     bb = load_backbone(str(model_dir), "mean")
     module = MultiTaskModule(
-        bb.encoder,
-        LoRA(rank=4, concat=concat, scaling=scaling),
-        pooling="mean",
-        fuse_passes=fast,
-        pair_features="sbert",
-        compile=compile,
+        MultiTaskModel(
+            bb.encoder,
+            LoRA(rank=4, concat=concat, scaling=scaling),
+            pooling="mean",
+            fuse_passes=fast,
+            pair_features="sbert",
+            compile=compile,
+        )
     )
     module = module.cuda()
     for layer in module.encoder.encoder.layer:
-        layer.attention.self.fuse_qkv = fast
+        if not fast:
+            layer.attention.self.qkv = None  # q, k, v each its own product
     if fast:
         store_frozen_in(module.encoder, torch.bfloat16)
     module.configure_model()
@@ -227,7 +238,7 @@ def bf16_lora_step(module, batch, packed: bool) -> tuple[float, dict, dict]:
         module.adapter.compute_dtype_weights = contextlib.nullcontext  # autocast casts each A and B itself
     try:
         with counter, torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+            loss = sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in module(batch).items())
             loss.backward()
     finally:
         if not packed:
@@ -239,7 +250,9 @@ def bf16_lora_step(module, batch, packed: bool) -> tuple[float, dict, dict]:
 @pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["fused_qkv", "lora_dropout"])
 def test_packed_casts_change_nothing_but_the_number_of_casts(tiny_model_dir, data_dir, tmp_path, dropout):
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, LoRA(rank=4, dropout=dropout), pooling="mean", fuse_passes=True)
+    module = MultiTaskModule(
+        MultiTaskModel(bb.encoder, LoRA(rank=4, dropout=dropout), pooling="mean", fuse_passes=True)
+    )
     store_frozen_in(module.encoder, torch.bfloat16)  # as on the GPU fast path
     module.eval()
     for layer in module.adapter.layers:  # B = 0 at init would hide a wrong B layout
@@ -271,7 +284,7 @@ def test_dora_in_bf16_with_frozen_weights_stored_in_bf16(tiny_model_dir, data_di
     gradients to bf16 rounding, its magnitudes and LoRA matrices still fp32."""
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, DoRA(rank=4), pooling="mean", fuse_passes=True).eval()
+    module = MultiTaskModule(MultiTaskModel(bb.encoder, DoRA(rank=4), pooling="mean", fuse_passes=True)).eval()
     for layer in module.adapter.layers:  # B = 0 at init would hide a wrong update
         torch.nn.init.normal_(layer.lora_B, std=0.5)
     dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, pad_to_multiple_of=16)
@@ -281,7 +294,7 @@ def test_dora_in_bf16_with_frozen_weights_stored_in_bf16(tiny_model_dir, data_di
     def step(bf16: bool) -> tuple[float, dict]:
         module.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = sum(module.loss(t, o, batch[t]["labels"]) for t, o in module(batch).items())
+            loss = sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in module(batch).items())
         loss.backward()
         return float(loss), {
             n: p.grad.clone() for n, p in module.named_parameters() if ".lora_" in n or "magnitude" in n

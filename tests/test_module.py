@@ -14,8 +14,10 @@ from peft_lightning.adapters import IA3, DoRA, Full, LoRA, Prefix
 from peft_lightning.backbone import load_backbone
 from peft_lightning.data import MultiTaskDataModule
 from peft_lightning.heads import build_heads
+from peft_lightning.model import MultiTaskModel
 from peft_lightning.module import MultiTaskModule
-from peft_lightning.tasks import get_tasks
+from peft_lightning.optim import Optim
+from peft_lightning.tasks import TASKS, get_tasks
 from peft_lightning.train import train
 
 ADAPTERS = ["frozen", "full", "lora", "prefix", "ia3", "dora"]
@@ -47,8 +49,8 @@ def test_heads_run_in_fp32_under_mixed_precision(tiny_model_dir):
 
     torch.manual_seed(0)
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, LoRA(rank=2), pooling="mean").eval()
-    batch = make_batches(4, 16, bb.encoder.config.vocab_size, module.device, cls_id=bb.tokenizer.cls_token_id)
+    module = MultiTaskModel(bb.encoder, LoRA(rank=2), pooling="mean").eval()
+    batch = make_batches(4, 16, bb.encoder.config.vocab_size, torch.device("cpu"), cls_id=bb.tokenizer.cls_token_id)
     passes = [enc for sub in batch.values() for enc in sub["inputs"]]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(batch)
@@ -181,7 +183,9 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
 
 def build(tiny_model_dir, adapter, seed=0, fuse=False):
     bb = load_backbone(str(tiny_model_dir), "cls", random_init=seed != 0, seed=seed)
-    return MultiTaskModule(bb.encoder, adapter, pooling="cls", identity=bb.identity, fuse_passes=fuse), bb
+    return MultiTaskModule(
+        MultiTaskModel(bb.encoder, adapter, pooling="cls", identity=bb.identity, fuse_passes=fuse)
+    ), bb
 
 
 def test_checkpoint_of_another_adapter_or_backbone_is_refused(tiny_model_dir, data_dir, tmp_path):
@@ -211,8 +215,8 @@ def test_fused_passes_give_the_same_losses(tiny_model_dir, data_dir, tmp_path):
     plain.eval(), fused.eval()
     a, b = plain(batch), fused(batch)
     for task in a:
-        la = plain.loss(task, a[task], batch[task]["labels"])
-        lb = fused.loss(task, b[task], batch[task]["labels"])
+        la = TASKS[task].loss(a[task], batch[task]["labels"])
+        lb = TASKS[task].loss(b[task], batch[task]["labels"])
         assert torch.allclose(la, lb, atol=1e-5), task
 
 
@@ -325,11 +329,13 @@ def test_bad_numbers_are_config_errors_naming_the_option(tiny_model_dir, data_di
 )
 def test_adapter_parameters_get_the_adapter_lr(tiny_model_dir, make, adapter_names):
     bb = load_backbone(str(tiny_model_dir), "mean")
-    module = MultiTaskModule(bb.encoder, make(), pooling="mean", lr=1e-5, adapter_lr=5e-4, head_lr=1e-3)
-    (encoder, lr), (adapter, adapter_lr), (heads, head_lr) = module.param_parts()
+    module = MultiTaskModule(
+        MultiTaskModel(bb.encoder, make(), pooling="mean"), Optim(lr=1e-5, adapter_lr=5e-4, head_lr=1e-3)
+    )
+    (encoder, lr), (adapter, adapter_lr), (heads, head_lr) = zip(module.model.parts(), module.optim.part_lrs())
     assert (lr, adapter_lr, head_lr) == (1e-5, 5e-4, 1e-3)
     assert {n.rsplit(".", 1)[-1] for n, _ in adapter} == adapter_names
     assert all(n.startswith("heads.") for n, _ in heads) and heads
     assert bool(encoder) == isinstance(module.adapter, Full)  # encoder weights train only in full fine-tuning
-    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
     assert {n for part in (encoder, adapter, heads) for n, _ in part} == trainable

@@ -6,16 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import (
-    CastLayout,
-    Dropout,
-    _ConcatLowRankLinear,
-    add_low_rank,
-    attention,
-    cast_packed,
-    dropout,
-    low_rank_linear,
-)
+from peft_lightning.fastpath.cast import CastLayout, cast_packed
+from peft_lightning.fastpath.kernels import _ConcatLowRankLinear, add_low_rank, low_rank_linear
+from peft_lightning.layers import Dropout, attention, dropout
 
 
 def test_dropout_keeps_one_minus_p_and_rescales():

@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 
 from peft_lightning import stats
-from peft_lightning.comparisons import CONTRADICTED, REPRODUCED, UNRESOLVED, combine, verdict
+from peft_lightning.findings import CONTRADICTED, REPRODUCED, UNRESOLVED, combine, verdict
 from peft_lightning.report import build_report
 from peft_lightning.stats import Interval
 

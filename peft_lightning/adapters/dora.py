@@ -23,39 +23,26 @@ Merging writes W' into W, as PEFT does; unmerging restores the exact frozen weig
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import MergeableLinear, freeze
-from peft_lightning.adapters.lora import LowRankAdapter
+from peft_lightning.adapters.fused_qkv import install_fused_qkv
+from peft_lightning.adapters.low_rank import LowRankAdapter, LowRankLinear
 from peft_lightning.encoder import BertEncoder
-from peft_lightning.ops import Dropout, low_rank_linear
+from peft_lightning.fastpath.kernels import low_rank_linear
 
 
-class DoRALinear(MergeableLinear):
-    """A frozen `nn.Linear` as trainable magnitude times a LoRA-adapted direction.
-
-    Args:
-        base: the linear layer to wrap (kept inside, frozen).
-        rank: r >= 1.
-        scale: g, the multiplier of the low-rank update.
-        dropout: dropout on the adapted path's input (see the module docstring).
-    """
+class DoRALinear(LowRankLinear):
+    """A frozen `nn.Linear` as trainable magnitude times a LoRA-adapted direction (see `LowRankLinear`
+    for the arguments; dropout is on the adapted path's input, see the module docstring)."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        freeze(base)
-        self.rank, self.scale = rank, scale
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, dtype=w.dtype, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, dtype=w.dtype, device=w.device))
-        self.magnitude = nn.Parameter(torch.linalg.vector_norm(w.detach().float(), dim=1).to(w.dtype))
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        super().__init__(base, rank, scale, dropout)
+        self.magnitude = nn.Parameter(
+            torch.linalg.vector_norm(base.weight.detach().float(), dim=1).to(base.weight.dtype)
+        )
         self._w_sq: tuple[tuple, torch.Tensor] | None = None  # (W's identity, its squared row norms)
         self.keep_norm = False  # set by DoRA for one step's passes: weight_norm() is computed once
         self._norm: torch.Tensor | None = None
@@ -92,10 +79,6 @@ class DoRALinear(MergeableLinear):
         """m / ||W + g B A||: the number each output row is multiplied by."""
         return self.magnitude / self.weight_norm()
 
-    shares_qkv_product = True  # q, k, v: one product, then `factor()` (`BertSelfAttention.project_qkv`)
-    concat = False
-    takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
-
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         w, bias, a, b = self.base.weight, self.base.bias, self.lora_A, self.lora_B
         if not self.merged and (isinstance(self.dropout, nn.Identity) or not self.training):
@@ -116,8 +99,8 @@ class DoRALinear(MergeableLinear):
         merged = self.factor()[:, None] * (w.float() + self.scale * (self.lora_B.float() @ self.lora_A.float()))
         return merged - w.float()
 
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}"
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {**super().peft_tensors(), "lora_magnitude_vector": self.magnitude}
 
 
 class DoRA(LowRankAdapter):
@@ -133,6 +116,10 @@ class DoRA(LowRankAdapter):
         chosen = self.choose_targets(encoder)
         self.wrap(encoder, chosen, lambda name, layer: DoRALinear(layer, self.rank, self.scale, self.dropout_p))
         self.target_names = chosen
+        install_fused_qkv(encoder)
+
+    def peft_config(self) -> dict:
+        return {**super().peft_config(), "use_dora": True}
 
     @contextlib.contextmanager
     def compute_dtype_weights(self):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_lightning.adapters.base import LayerAdapter, expand_targets, freeze, linear_names, matches
+from peft_lightning.adapters.fused_qkv import install_fused_qkv
 from peft_lightning.encoder import BertEncoder
 
 
@@ -29,8 +30,6 @@ class IA3Linear(nn.Module):
         base: the linear layer to wrap (kept inside, frozen).
         feedforward: rescale the input (in features) instead of the output (out features).
     """
-
-    takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x))
 
     def __init__(self, base: nn.Linear, feedforward: bool):
         super().__init__()
@@ -83,6 +82,9 @@ class IA3Linear(nn.Module):
             self.base.bias.copy_(b)
         self._saved = None
 
+    def peft_tensors(self) -> dict[str, torch.Tensor]:
+        return {"ia3_l": self.ia3_l}
+
     def extra_repr(self) -> str:
         return f"feedforward={self.feedforward}"
 
@@ -117,6 +119,12 @@ class IA3(LayerAdapter):
             raise ValueError(f"adapter.feedforward must be among the targets; {stray[0]} is not a target")
         self.wrap(encoder, chosen, lambda name, layer: IA3Linear(layer, feedforward=matches(name, ff)))
         self.target_names = chosen
+        install_fused_qkv(encoder)
 
     def describe(self) -> dict:
         return {"name": self.name, "targets": self.target_names, "feedforward": self.feedforward}
+
+    def peft_config(self) -> dict:
+        """PEFT's `IA3Config` fields: the targets and which of them rescale their input."""
+        ff = [n for n, m in zip(self.target_names, self.layers) if m.feedforward]
+        return {"peft_type": "IA3", "target_modules": list(self.target_names), "feedforward_modules": ff}

@@ -19,52 +19,31 @@ pooler is used, i.e. pooling=pooler, which makes `all` equal PEFT's `all-linear`
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_lightning.adapters.base import LayerAdapter, MergeableLinear, freeze, matches
-from peft_lightning.arena import Arena, ArenaCast, ArenaSite, arena_linear
-from peft_lightning.encoder import BertEncoder, BertSelfAttention
-from peft_lightning.ops import CastLayout, Dropout, add_low_rank, cast_packed, low_rank_linear
+from peft_lightning.adapters.base import matches
+from peft_lightning.adapters.fused_qkv import FusedQKV, install_fused_qkv
+from peft_lightning.adapters.low_rank import LowRankAdapter, LowRankLinear
+from peft_lightning.adapters.peft_format import load_lora
+from peft_lightning.encoder import BertEncoder
+from peft_lightning.fastpath.arena import ArenaCast, arena_linear
+from peft_lightning.fastpath.cast import CastLayout, cast_packed
+from peft_lightning.fastpath.kernels import add_low_rank, low_rank_linear
+from peft_lightning.fastpath.plan import fits_arena, move_into_arena
 
-SCALINGS = ("fixed", "alpha_over_r", "rslora")
 
-
-class LoRALinear(MergeableLinear):
-    """A frozen `nn.Linear` plus a trainable low-rank update.
-
-    Args:
-        base: the linear layer to wrap (kept inside, frozen).
-        rank: r >= 1.
-        scale: g, the multiplier of the low-rank branch.
-        dropout: dropout on the branch input.
-    """
+class LoRALinear(LowRankLinear):
+    """A frozen `nn.Linear` plus a trainable low-rank update (see `LowRankLinear` for the arguments)."""
 
     def __init__(self, base: nn.Linear, rank: int, scale: float, dropout: float = 0.0):
-        super().__init__()
-        self.base = base
-        freeze(base)
-        self.rank, self.scale = rank, scale
-        self.lora_A = nn.Parameter(
-            torch.empty(rank, base.in_features, dtype=base.weight.dtype, device=base.weight.device)
-        )
-        # B = 0: the update B A is zero at init, so the wrapped layer equals the pretrained one.
-        self.lora_B = nn.Parameter(
-            torch.zeros(base.out_features, rank, dtype=base.weight.dtype, device=base.weight.device)
-        )
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = Dropout(dropout) if dropout > 0 else nn.Identity()
+        super().__init__(base, rank, scale, dropout)
         # set by LoRA for one pass: (A, B) in the autocast dtype, or the layer's place in an Arena
         self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
         self.output_kept = False  # the consumer saves this layer's output for its backward (see arena_linear)
         self.output_to_gelu = False  # the output goes to GELU: the arena makes it contiguous (see arena_linear)
-        self.concat = False  # the concatenated form (see ops.low_rank_linear and arena._ArenaLinear)
-
-    shares_qkv_product = True  # q, k and v LoRA layers alike may be one product (`BertSelfAttention.project_qkv`)
-    takes_gelu = True  # forward(x, gelu=True) = forward(gelu(x)), without keeping gelu(x) for backward
 
     def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         if isinstance(self.cast, ArenaCast):
@@ -80,71 +59,6 @@ class LoRALinear(MergeableLinear):
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B @ self.lora_A) * self.scale  # (out, in)
-
-    def extra_repr(self) -> str:
-        return f"rank={self.rank}, scale={self.scale:g}"
-
-
-def lora_scale(scaling: str, alpha: float, rank: int) -> float:
-    if scaling == "fixed":
-        return 1.0
-    if scaling == "alpha_over_r":
-        return alpha / rank
-    if scaling == "rslora":
-        return alpha / math.sqrt(rank)
-    raise ValueError(f"adapter.scaling={scaling!r} is unknown; expected one of {list(SCALINGS)}")
-
-
-class LowRankAdapter(LayerAdapter):
-    """What LoRA and DoRA share: their options, checked here, the choice of target layers, and
-    `describe`.
-
-    Args:
-        rank: r, the rank of the update (>= 1).
-        targets: name patterns or aliases (see module docstring); default `all`.
-        scaling: `fixed`, `alpha_over_r` or `rslora`.
-        alpha: alpha for the two alpha scalings.
-        dropout: dropout on the low-rank branch input.
-        include_pooler: `auto`, true or false: whether the pooler's dense layer can be a target.
-    """
-
-    def __init__(
-        self,
-        rank: int = 8,
-        targets: list[str] | str = "all",
-        scaling: str = "fixed",
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        include_pooler: bool | str = "auto",
-    ):
-        super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"adapter.rank must be an integer >= 1, got {rank!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
-        if include_pooler not in ("auto", True, False):
-            raise ValueError(f"adapter.include_pooler must be auto, true or false, got {include_pooler!r}")
-        self.rank, self.scaling, self.alpha, self.dropout_p = rank, scaling, float(alpha), dropout
-        self.scale = lora_scale(scaling, self.alpha, rank)
-        self.targets = list(targets) if not isinstance(targets, str) else [targets]
-        self.include_pooler = include_pooler
-        self.layers: list[nn.Module] = []  # plain list: the modules live in the encoder
-        self.target_names: list[str] = []
-
-    def choose_targets(self, encoder: BertEncoder) -> list[str]:
-        """Freeze the encoder and name the linear layers to adapt."""
-        freeze(encoder)
-        pooler = encoder.pooler is not None if self.include_pooler == "auto" else bool(self.include_pooler)
-        return self.select(encoder, self.targets, pooler)
-
-    def describe(self) -> dict:
-        return {
-            "name": self.name,
-            "rank": self.rank,
-            "scaling": self.scaling,
-            "alpha": self.alpha,
-            "targets": self.target_names,
-        }
 
 
 class LoRA(LowRankAdapter):
@@ -179,7 +93,7 @@ class LoRA(LowRankAdapter):
         self.init_from = init_from
         self.use_arena = bool(arena)
         self.concat = bool(concat)
-        self._attentions: list[BertSelfAttention] = []
+        self._fused: list[FusedQKV] = []  # the attentions' q/k/v seams (plain list: they live in the encoder)
         self._encoder: list[BertEncoder] = []  # plain list: not a submodule of the adapter
         self._plan: tuple[tuple, tuple | None] | None = None  # (key, plan), see _cast_plan
         self._watch: list[tuple[LoRALinear, dict, dict]] = []  # each layer and its and its base's parameters
@@ -198,11 +112,10 @@ class LoRA(LowRankAdapter):
         self.wrap(encoder, chosen, make)
         self.target_names = chosen
         if self.init_from:
-            from peft_lightning.export import load_peft_lora
-
-            load_peft_lora(self, self.init_from)
+            load_lora(self, self.init_from)
         self._watch = [(m, m._parameters, m.base._parameters) for m in self.layers]
-        self._attentions = [m for m in encoder.modules() if isinstance(m, BertSelfAttention)]
+        self._fused = [f for f in install_fused_qkv(encoder) if f.low_rank]
+        self._attentions = [f._attention[0] for f in self._fused]
         self._encoder = [encoder]
 
     @contextlib.contextmanager
@@ -242,7 +155,7 @@ class LoRA(LowRankAdapter):
 
     def _cast_plan(self) -> tuple | None:
         """(layout, dtype, tensors, slots, arena, arena_sites) for this pass, or None; built again only
-        when the layers' state changed (building walks every layer: ~0.6 ms on BERT-base)."""
+        when the layers' state changed (building walks every layer; its cost: docs/speed.md)."""
         if not self.layers or not self._encoder:
             return None
         device = self.layers[0].lora_A.device.type
@@ -259,12 +172,12 @@ class LoRA(LowRankAdapter):
         return self._plan[1]
 
     def _plan_key(self, dtype: torch.dtype) -> tuple:
-        # what the plan depends on, read from the parameter dicts directly: module attribute lookups
-        # made this ~0.35 ms a pass on BERT-base, ~0.04 ms this way
+        # what the plan depends on, read from the parameter dicts directly (module attribute lookups
+        # cost ten times as much a pass: docs/speed.md)
         return (
             dtype,
             self.use_arena,
-            tuple(a.fuse_qkv for a in self._attentions),
+            tuple(a.qkv is f for a, f in zip(self._attentions, self._fused)),
             tuple(
                 (m._saved_weight is None, p["lora_A"].dtype, base["weight"].dtype, base["weight"].data_ptr())
                 for m, p, base in self._watch
@@ -279,11 +192,11 @@ class LoRA(LowRankAdapter):
         if any(t.dtype != param_dtype for m in live for t in (m.lora_A, m.lora_B)):
             return None
         sites, done = [], set()  # (LoRA layers sharing one product, where their casts go)
-        for attn in self._attentions:
-            qkv = attn.fused_loras()
-            if qkv is None or qkv[0].merged:
+        for attn, fused in zip(self._attentions, self._fused):
+            qkv = fused.layers()
+            if attn.qkv is not fused or qkv[0].merged:
                 continue
-            sites.append((qkv, (attn, "cast_qkv")))
+            sites.append((qkv, (fused, "cast")))
             done.update(id(m) for m in qkv)
         sites += [((m,), (m, "cast")) for m in live if id(m) not in done]
         tensors = [t for members, _ in sites for t in [m.lora_A for m in members] + [m.lora_B for m in members]]
@@ -297,46 +210,3 @@ class LoRA(LowRankAdapter):
             for g in (("stack", [tuple(m.lora_A.shape) for m in members]), ("diag", [tuple(m.lora_B.shape) for m in members]))
         ]  # fmt: skip
         return CastLayout(groups), dtype, tensors, slots, None, None
-
-
-def fits_arena(m: LoRALinear, dtype: torch.dtype) -> bool:
-    """Whether the layer's frozen weight and bias are in `dtype` already, its branch has no dropout, and
-    its widths are multiples of 8 (the arena's views, and the gradients made from them, then have
-    16-byte-aligned rows, which cuDNN attention needs of its inputs)."""
-    base = m.base
-    return (
-        isinstance(m.dropout, nn.Identity)
-        and base.in_features % 8 == 0
-        and base.out_features % 8 == 0
-        and base.weight.dtype == dtype
-        and not base.weight.requires_grad
-        and (base.bias is None or (base.bias.dtype == dtype and not base.bias.requires_grad))
-    )
-
-
-@torch.no_grad()
-def move_into_arena(sites: list[tuple[LoRALinear, ...]], dtype: torch.dtype) -> tuple[Arena, list[ArenaSite]]:
-    """An `Arena` for these sites; each frozen weight and bias becomes a view of it (no second copy).
-
-    Returns the arena and each site's `ArenaSite` (`arena.views`).
-    """
-    device = sites[0][0].base.weight.device
-    arena = Arena(
-        [
-            ([m.base.out_features for m in ms], ms[0].base.in_features, [m.rank for m in ms],
-             any(m.base.bias is not None for m in ms))
-            for ms in sites
-        ],
-        dtype,
-        device,
-    )  # fmt: skip
-    for i, members in enumerate(sites):
-        matrix, bias = arena.matrix(i), arena.bias(i)
-        for m, rows in zip(members, arena.member_rows(i)):
-            w = matrix[rows, : m.base.in_features]
-            w.copy_(m.base.weight)
-            m.base.weight.data = w
-            if m.base.bias is not None:
-                bias[rows].copy_(m.base.bias)
-                m.base.bias.data = bias[rows]
-    return arena, arena.views

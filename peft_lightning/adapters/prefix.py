@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from peft_lightning.adapters.base import Adapter, freeze
+from peft_lightning.adapters.fused_qkv import install_fused_qkv
 from peft_lightning.encoder import BertEncoder, PrefixKV
 
 
@@ -115,6 +116,7 @@ class Prefix(Adapter):
             self.mlp_hidden or cfg.hidden_size,
             self.init_std,
         ).to(encoder.embeddings.word_embeddings.weight.device)
+        install_fused_qkv(encoder)
 
     def prefix_kv(self) -> list[PrefixKV]:
         return self.prefix_encoder()

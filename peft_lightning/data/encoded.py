@@ -12,14 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from peft_lightning.data.readers import Split
+from peft_lightning.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +107,8 @@ def encode_split(
                 return EncodedSplit(split.task, split.split, split.ids, labels, segs)
     segs = _tokenise(split, tokenizer, max_length, pair_encoding)
     if path is not None:
-        _atomic_save({"segments": [s.__dict__ for s in segs], "sha256": _checksum(segs)}, path)
+        cache = {"segments": [s.__dict__ for s in segs], "sha256": _checksum(segs)}
+        atomic_write(path, lambda f: torch.save(cache, f), binary=True)
     return EncodedSplit(split.task, split.split, split.ids, labels, segs)
 
 
@@ -154,18 +154,6 @@ def _pack(pieces: list[torch.Tensor], types: list[torch.Tensor] | None) -> Segme
     ids = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
     tt = torch.cat(types) if types else None
     return Segment(ids, offsets, tt)
-
-
-def _atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def collate(data: EncodedSplit, rows: list[int] | tuple[int, ...], pad_id: int = 0, multiple: int = 1) -> dict:

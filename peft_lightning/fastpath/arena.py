@@ -27,7 +27,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from peft_lightning.ops import CastLayout, mm_scaled, round8
+from peft_lightning.fastpath.cast import CastLayout
+from peft_lightning.fastpath.kernels import mm_scaled, round8
 
 
 class Site(NamedTuple):

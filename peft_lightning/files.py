@@ -1,0 +1,53 @@
+"""Whole files only: every file this project writes appears complete or not at all.
+
+`atomic_write` writes into a temporary file beside the target (`.<name>.<random>.tmp`, which a
+resumed run removes: `rundir.remove_partial_files`) and renames it over the target, so a kill at
+any point leaves either the old file or the new one. Results JSON, prediction TSVs, checkpoints and
+the token cache all go through it. A leaf: the standard library only.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+
+def file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask): mkstemp's files are 0o600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:
+    """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
+
+    Args:
+        path: the file to (re)write; its folder is made if missing.
+        write: writes the content into the open file it is given.
+        binary: open the file in binary mode (else text, UTF-8, no newline translation).
+        fsync: flush the content to disk before the rename (checkpoints: a crash of the machine, not
+            only of the process, then leaves the old file or the whole new one).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, file_mode())
+    try:
+        with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """`text` as the whole content of `path` (see `atomic_write`)."""
+    atomic_write(path, lambda f: f.write(text))
