@@ -11,7 +11,7 @@ rank, lora_targets against all linear layers, sts_head against the MLP head.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -34,12 +34,15 @@ REFERENCE = {
 MAIN = [(t, TASKS[t].main_metric) for t in TASK_NAMES]
 
 
-def dev_predictions(run: dict) -> dict[str, dict[str, tuple[float, float]]] | None:
-    """task -> {id: (prediction, label)} from the run's dev predictions files; None without them."""
-    folder = Path(run.get("path", "")) / "predictions"
+def dev_predictions(
+    run: dict, split: str = "dev", folder: str = "predictions"
+) -> dict[str, dict[str, tuple[float, float]]] | None:
+    """task -> {id: (prediction, label)} from the run's `<folder>/{task}-<split>.tsv` files (dev by
+    default; `select`, `train_eval`, and `predictions/last` for the last epoch's); None without them."""
+    root = Path(run.get("path", "")) / folder
     out = {}
     for task in TASK_NAMES:
-        path = folder / f"{task}-dev.tsv"
+        path = root / f"{task}-{split}.tsv"
         if not path.is_file():
             continue
         with path.open(newline="") as f:
@@ -50,40 +53,59 @@ def dev_predictions(run: dict) -> dict[str, dict[str, tuple[float, float]]] | No
     return out or None
 
 
-@dataclass
-class Setting:
-    """One table row's runs (ordered by seed), as arrays on the study's common dev rows."""
-
-    key: tuple
-    preds: dict[str, list[np.ndarray]]  # task -> one array per seed
+def run_seed(run: dict):
+    """The run's seed (what pairs it with another setting's run), from results.json or its overrides."""
+    seed = run.get("seed")
+    if seed is None:
+        seed = next((o.split("=", 1)[1] for o in run.get("overrides") or [] if o.startswith("seed=")), None)
+    try:
+        return int(seed)
+    except (TypeError, ValueError):
+        return seed
 
 
 class StudyComparison:
-    """The settings of one study on common dev rows, with one set of bootstrap draws per task."""
+    """The settings of one study on the rows every one of its runs predicted, with one set of
+    bootstrap draws per task; each setting's runs keyed by seed (see `stats`).
 
-    def __init__(self, groups: dict[tuple, list[dict]], n_boot: int = stats.N_BOOT):
-        self.settings: dict[tuple, Setting] = {}
+    Args:
+        groups: table row key -> the row's complete runs.
+        n_boot: bootstrap draws per task.
+        split, folder: which prediction files (dev by default; see `dev_predictions`).
+    """
+
+    def __init__(
+        self,
+        groups: dict[tuple, list[dict]],
+        n_boot: int = stats.N_BOOT,
+        split: str = "dev",
+        folder: str = "predictions",
+    ):
         self.labels: dict[str, np.ndarray] = {}
         self.idx: dict[str, np.ndarray] = {}
-        loaded = {
-            k: [(r, dev_predictions(r)) for r in sorted(rs, key=lambda r: str(r.get("seed")))]
-            for k, rs in groups.items()
-        }
-        loaded = {k: [(r, p) for r, p in rs if p] for k, rs in loaded.items()}
-        loaded = {k: rs for k, rs in loaded.items() if rs}
+        self.preds: dict[tuple, dict[str, dict]] = {}  # key -> task -> seed -> (n,) predictions
+        loaded: dict[tuple, dict] = {}
+        for key, runs in groups.items():
+            for r in runs:
+                p = dev_predictions(r, split, folder)
+                if p:
+                    loaded.setdefault(key, {}).setdefault(run_seed(r), p)  # a repeated seed: the first run
         for task, _ in MAIN:
-            id_sets = [set(p[task]) for rs in loaded.values() for _, p in rs if task in p]
-            if not id_sets or any(task not in p for rs in loaded.values() for _, p in rs):
+            if not loaded or any(task not in p for seeds in loaded.values() for p in seeds.values()):
                 continue
-            ids = sorted(set.intersection(*id_sets))
+            ids = sorted(set.intersection(*(set(p[task]) for seeds in loaded.values() for p in seeds.values())))
             if len(ids) < 2:
                 continue
-            first = next(p for rs in loaded.values() for _, p in rs)
+            first = next(p for seeds in loaded.values() for p in seeds.values())
             self.labels[task] = np.array([first[task][i][1] for i in ids])
-            self.idx[task] = stats.draws(len(ids), n_boot)
-            for k, rs in loaded.items():
-                s = self.settings.setdefault(k, Setting(k, {}))
-                s.preds[task] = [np.array([p[task][i][0] for i in ids]) for _, p in rs]
+            # each task and split its own stream of draws: a dev avg (or a train - dev gap) then
+            # averages independent row draws, not one stream cut to different lengths
+            self.idx[task] = stats.draws(len(ids), n_boot, seed=zlib.crc32(f"{task}/{split}".encode()))
+            for key, seeds in loaded.items():
+                self.preds.setdefault(key, {})[task] = {
+                    s: np.array([p[task][i][0] for i in ids]) for s, p in seeds.items()
+                }
+        self._scores: dict[tuple, stats.Scores] = {}
 
     @property
     def tasks(self) -> list[str]:
@@ -92,34 +114,31 @@ class StudyComparison:
     def rows(self, task: str) -> int:
         return len(self.labels.get(task, ()))
 
-    def score(self, key: tuple, task: str | None) -> Interval | None:
-        """The setting's main metric on `task` (None: the dev avg over the tasks) and its interval."""
-        s = self.settings.get(key)
-        if s is None or not self.tasks:
+    def seeds(self, key: tuple) -> list:
+        return sorted(next(iter(self.preds[key].values()))) if self.preds.get(key) else []
+
+    def scores(self, key: tuple, task: str | None) -> stats.Scores | None:
+        """The setting's main metric on `task` (None: the dev avg over the tasks) per seed, with replicates."""
+        if key not in self.preds or not self.tasks:
             return None
-        if task is not None:
-            return stats.score_interval(TASKS[task].main_metric, s.preds[task], self.labels[task], self.idx[task])
-        reps = [
-            stats.replicate_scores(TASKS[t].main_metric, s.preds[t], self.labels[t], self.idx[t]) for t in self.tasks
-        ]
-        est = [stats.point(TASKS[t].main_metric, s.preds[t], self.labels[t]) for t in self.tasks]
-        return stats.interval(np.mean(reps, axis=0), float(np.mean(est)))
+        if task is None:
+            return stats.Scores.average([self.scores(key, t) for t in self.tasks])
+        if task not in self.labels:
+            return None
+        if (key, task) not in self._scores:
+            m = TASKS[task].main_metric
+            self._scores[(key, task)] = stats.Scores.of(m, self.preds[key][task], self.labels[task], self.idx[task])
+        return self._scores[(key, task)]
+
+    def score(self, key: tuple, task: str | None) -> Interval | None:
+        """The setting's main metric on `task` (None: the dev avg) and its interval."""
+        s = self.scores(key, task)
+        return s.interval() if s else None
 
     def difference(self, key: tuple, ref: tuple, task: str | None) -> Interval | None:
-        """key - ref on the main metric of `task` (None: the dev avg), paired, with its interval."""
-        a, b = self.settings.get(key), self.settings.get(ref)
-        if a is None or b is None or not self.tasks:
-            return None
-        tasks = [task] if task is not None else self.tasks
-        reps, est = [], []
-        for t in tasks:
-            m = TASKS[t].main_metric
-            reps.append(
-                stats.replicate_scores(m, a.preds[t], self.labels[t], self.idx[t])
-                - stats.replicate_scores(m, b.preds[t], self.labels[t], self.idx[t])
-            )
-            est.append(stats.point(m, a.preds[t], self.labels[t]) - stats.point(m, b.preds[t], self.labels[t]))
-        return stats.interval(np.mean(reps, axis=0), float(np.mean(est)))
+        """key - ref on the main metric of `task` (None: the dev avg), seeds paired by value, with its interval."""
+        a, b = self.scores(key, task), self.scores(ref, task)
+        return (a - b).interval() if a and b else None
 
 
 def reference_of(study: str, keys: list[str], key: tuple, rows: list[tuple] | None = None) -> tuple | None:
@@ -136,19 +155,24 @@ def reference_of(study: str, keys: list[str], key: tuple, rows: list[tuple] | No
     return ref
 
 
-def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]]):
-    """Extra header cells and, per row key, the cells: the dev avg's 95% interval, and the paired
-    differences to the reference (each task's main metric and the avg) with theirs."""
-    comp = StudyComparison(groups)
+def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]], floor: dict | None = None):
+    """Extra header cells and, per row key, the cells: the dev avg's 95% interval, the paired
+    differences to the reference (each task's main metric and the avg) with theirs, and with a
+    `floor` run (the bag-of-words row), the dev avg's difference to it. Each interval says how many
+    seeds it rests on (n); `comp.rows` how many dev rows."""
+    comp = StudyComparison({**groups, **({FLOOR_KEY: [floor]} if floor else {})})
     ref_name = REFERENCE.get(study, (None, None))
     header = ["dev avg 95% CI"]
     label = f"{ref_name[0]}={ref_name[1]}" if ref_name[0] in keys else None
     if label:
         header += [f"Δ {t} {m} vs {label}" for t, m in MAIN] + [f"Δ dev avg vs {label}"]
+    with_floor = floor is not None and FLOOR_KEY in comp.preds
+    if with_floor:
+        header += ["Δ dev avg vs floor"]
     cells: dict[tuple, list[str]] = {}
     for key in groups:
         score = comp.score(key, None)
-        row = [score.plain() if score else "-"]
+        row = [f"{score.plain()} n={score.n}" if score else "-"]
         if label:
             ref = reference_of(study, keys, key, list(groups))
             for task in [t for t, _ in MAIN] + [None]:
@@ -156,6 +180,12 @@ def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]
                     row.append("reference")
                     continue
                 d = comp.difference(key, ref, task) if task is None or task in comp.tasks else None
-                row.append(d.signed() if d else "-")
+                row.append(f"{d.signed()} n={d.n}" if d else "-")
+        if with_floor:
+            d = comp.difference(key, FLOOR_KEY, None)
+            row.append(f"{d.signed()} n={d.n}" if d else "-")
         cells[key] = row
     return header, cells, comp
+
+
+FLOOR_KEY = ("floor",)  # the bag-of-words run's row key in a comparison

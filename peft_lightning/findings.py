@@ -1,153 +1,209 @@
-"""The study's claims, checked against the intervals of `comparisons`: a verdict and the numbers behind it."""
+"""The study's claims, checked against the intervals of `comparisons`: a verdict and the numbers behind it.
+
+Each claim is a few comparisons (differences with their 95% intervals, `stats`), each with what the
+claim expects of it: above 0 (`+`), below 0 (`-`), or within the margin of 0 (`0`: equivalent).
+Three tests are run on every comparison, each family with Holm's adjustment over the claim's
+comparisons (statsmodels' `multipletests`), so that a claim of five comparisons is not five
+chances to be contradicted:
+- the expected direction, one-sided at 0.025 (what a 95% interval excluding 0 says);
+- the opposite direction (for `0`: beyond the margin on either side), one-sided at 0.025;
+- equivalence within +-margin by two one-sided tests (TOST, Schuirmann 1987) at 0.05.
+
+Verdicts: **contradicted** when an opposite test rejects; **reproduced** when every expected test
+rejects (for `0`: every equivalence test); **equivalent** when a directional claim's settings are
+shown equivalent within the margin instead (no difference worth the name either way); else
+**unresolved** (the intervals are too wide to say). The margin is `report.margin` (0.01 on
+accuracy, Pearson and dev avg by default), printed with the report.
+"""
 
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass
 
-import peft_lightning.stats as stats
+from statsmodels.stats.multitest import multipletests
+
 from peft_lightning.comparisons import StudyComparison, reference_of
 from peft_lightning.runs import complete, overrides, strategy, varying_keys
 from peft_lightning.stats import Interval
 from peft_lightning.tasks import TASKS
 
-REPRODUCED, CONTRADICTED, UNRESOLVED = "reproduced", "contradicted", "unresolved"
+REPRODUCED, CONTRADICTED, EQUIVALENT, UNRESOLVED = "reproduced", "contradicted", "equivalent", "unresolved"
+MARGIN = 0.01
+ALPHA_ONE_SIDED, ALPHA_TOST = 0.025, 0.05
 
 
-def verdict(intervals: list[Interval | None], expect: str, tolerance: float = 0.01) -> str:
-    """A claim's verdict from the intervals of the differences it is about.
+@dataclass(frozen=True)
+class Comparison:
+    """One difference a claim is about, what the claim expects of it, and how it is named."""
 
-    expect `+`: every difference is above 0 (each interval excludes 0 on the positive side) ->
-    reproduced; one is below 0 (its interval excludes 0 on the negative side) -> contradicted;
-    else unresolved. `-`: the mirror. `0` ("barely matters"): every interval inside
-    [-tolerance, tolerance] -> reproduced; one entirely outside it -> contradicted.
-    A missing interval leaves the claim unresolved (unless another contradicts it).
-    """
-    if expect not in ("+", "-", "0"):
-        raise ValueError(f"expect must be '+', '-' or '0', got {expect!r}")
-    known = [i for i in intervals if i is not None]
-    if expect == "0":
-        if any(i.low > tolerance or i.high < -tolerance for i in known):
-            return CONTRADICTED
-        ok = known and len(known) == len(intervals) and all(-tolerance <= i.low and i.high <= tolerance for i in known)
-        return REPRODUCED if ok else UNRESOLVED
-    sign = 1 if expect == "+" else -1
-    if any((i.high < 0) if sign > 0 else (i.low > 0) for i in known):
+    name: str
+    interval: Interval | None
+    expect: str  # "+", "-" or "0"
+
+
+def holm(pvalues: list[float], alpha: float) -> list[bool]:
+    """Which of the hypotheses Holm's step-down procedure rejects at family-wise level `alpha`."""
+    return list(multipletests(pvalues, alpha=alpha, method="holm")[0]) if pvalues else []
+
+
+def verdict(comparisons: list[Comparison], margin: float = MARGIN) -> str:
+    """A claim's verdict from its comparisons (see the module doc); a missing interval leaves the
+    claim unresolved unless another one contradicts it."""
+    for c in comparisons:
+        if c.expect not in ("+", "-", "0"):
+            raise ValueError(f"expect must be '+', '-' or '0', got {c.expect!r}")
+    known = [c for c in comparisons if c.interval is not None]
+    if not known:
+        return UNRESOLVED
+
+    def expected(c: Comparison) -> float:
+        i = c.interval
+        return i.p_above(0) if c.expect == "+" else i.p_below(0) if c.expect == "-" else i.p_equivalent(margin)
+
+    def opposite(c: Comparison) -> float:
+        i = c.interval
+        if c.expect == "0":
+            return min(1.0, 2 * min(i.p_above(margin), i.p_below(-margin)))  # beyond the margin, either side
+        return i.p_below(0) if c.expect == "+" else i.p_above(0)
+
+    if any(holm([opposite(c) for c in known], ALPHA_ONE_SIDED)):
         return CONTRADICTED
-    ok = known and len(known) == len(intervals) and all((i.low > 0) if sign > 0 else (i.high < 0) for i in known)
-    return REPRODUCED if ok else UNRESOLVED
+    if len(known) < len(comparisons):
+        return UNRESOLVED
+    directional = [c for c in known if c.expect != "0"]
+    alpha = ALPHA_TOST if not directional else ALPHA_ONE_SIDED
+    if all(holm([expected(c) for c in known], alpha)):
+        return REPRODUCED
+    if directional and all(holm([c.interval.p_equivalent(margin) for c in known], ALPHA_TOST)):
+        return EQUIVALENT
+    return UNRESOLVED
 
 
-def combine(verdicts: list[str]) -> str:
-    """All parts reproduced -> reproduced; any contradicted -> contradicted; else unresolved."""
-    if CONTRADICTED in verdicts:
-        return CONTRADICTED
-    return REPRODUCED if verdicts and all(v == REPRODUCED for v in verdicts) else UNRESOLVED
-
-
-def seed_interval(a: list[float], b: list[float], n_boot: int = stats.N_BOOT) -> Interval | None:
-    """mean(a) - mean(b) with a bootstrap over seeds (at least 3 a side), for scores without
-    per-example predictions (train scores)."""
-    if len(a) < 3 or len(b) < 3:
-        return None
-    rng = np.random.default_rng(stats.SEED)
-    xa, xb = np.array(a), np.array(b)
-    reps = xa[rng.integers(0, len(xa), (n_boot, len(xa)))].mean(1) - xb[
-        rng.integers(0, len(xb), (n_boot, len(xb)))
-    ].mean(1)
-    return stats.interval(reps, float(xa.mean() - xb.mean()))
-
-
-def _study(by_study: dict[str, list[dict]], study: str):
+def _study(by_study: dict[str, list[dict]], study: str, **kw):
     runs = by_study.get(study) or []
     keys = varying_keys(runs) if runs else []
     groups: dict[tuple, list[dict]] = {}
     for r in complete(runs)[0]:
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
-    return keys, groups, StudyComparison(groups) if groups else None
+    return keys, groups, StudyComparison(groups, **kw) if groups else None
 
 
-def _fmt(i: Interval | None) -> str:
-    return i.signed() if i else "n/a"
+def _evidence(comparisons: list[Comparison]) -> str:
+    return "; ".join(
+        f"{c.name}: {c.interval.signed()} (n={c.interval.n})" if c.interval else f"{c.name}: n/a" for c in comparisons
+    )
 
 
-def findings(by_study: dict[str, list[dict]]) -> list[list[str]]:
+def _row(claim: str, study: str, comparisons: list[Comparison], margin: float, missing: str) -> list[str]:
+    if not comparisons or all(c.interval is None for c in comparisons):
+        return [claim, study, UNRESOLVED, missing]
+    return [claim, study, verdict(comparisons, margin), _evidence(comparisons)]
+
+
+def findings(by_study: dict[str, list[dict]], margin: float = MARGIN) -> list[list[str]]:
     """Rows of the findings table: claim, study, verdict, the numbers behind it."""
     rows = []
     keys, groups, comp = _study(by_study, "main")
     by_adapter = {k[keys.index("adapter")]: k for k in groups} if comp and "adapter" in keys else {}
 
-    def best_claim(claim: str, who: str, task: str):
+    def best(who: str, task: str) -> list[Comparison]:
         if who not in by_adapter or comp is None or task not in comp.tasks:
-            return rows.append([claim, "main", UNRESOLVED, "no runs with per-example dev predictions"])
-        others = [a for a in by_adapter if a != who]
-        diffs = [comp.difference(by_adapter[who], by_adapter[o], task) for o in others]
-        ev = "; ".join(f"{who} - {o}: {_fmt(d)}" for o, d in zip(others, diffs))
-        rows.append([claim, "main", verdict(diffs, "+") if others else UNRESOLVED, f"{TASKS[task].main_metric}: {ev}"])
+            return []
+        return [
+            Comparison(f"{who} - {other}", comp.difference(by_adapter[who], by_adapter[other], task), "+")
+            for other in by_adapter
+            if other != who
+        ]
 
-    best_claim("full fine-tuning is best on SST-5", "full", "sst5")
-    best_claim("full fine-tuning is best on QQP", "full", "qqp")
-    best_claim("prefix tuning is best on STS-B", "prefix", "stsb")
+    for claim, who, task in (
+        ("full fine-tuning is best on SST-5: every other strategy significantly below it", "full", "sst5"),
+        ("full fine-tuning is best on QQP: every other strategy significantly below it", "full", "qqp"),
+        ("prefix tuning is best on STS-B: every other strategy significantly below it", "prefix", "stsb"),
+    ):
+        comps = best(who, task)
+        evidence_metric = f"{TASKS[task].main_metric}: "
+        row = _row(claim, "main", comps, margin, "needs main runs with per-example dev predictions")
+        rows.append(row[:3] + [evidence_metric + row[3] if comps else row[3]])
 
-    # overfitting: the train - dev gap at the last epoch mark, LoRA against full (seeds only: no train predictions)
-    gaps: dict[str, list[float]] = {}
-    for r in complete(by_study.get("epochs") or [])[0]:
-        last = r["history"][-1]
-        if last.get("train_avg") is not None and last.get("dev_avg") is not None:
-            gaps.setdefault(strategy(r), []).append(last["train_avg"] - last["dev_avg"])
-    d = seed_interval(gaps.get("lora", []), gaps.get("full", []))
-    ev = (
-        f"gap LoRA - gap full: {_fmt(d)}"
-        if d
-        else f"needs 3+ seeds of each (have lora {len(gaps.get('lora', []))}, full {len(gaps.get('full', []))})"
+    rows.append(
+        _row(*overfitting(by_study), margin, "needs epochs runs with last-epoch train_eval and dev predictions")
     )
-    rows.append(["LoRA overfits less than full fine-tuning (train - dev gap)", "epochs", verdict([d], "-"), ev])
 
     keys, groups, comp = _study(by_study, "lora_rank")
-    ranks = sorted((int(k[keys.index("adapter.rank")]), k) for k in groups) if comp and "adapter.rank" in keys else []
-    if len(ranks) >= 2:
-        (lo, klo), (hi, khi) = ranks[0], ranks[-1]
-        parts = [("sst5", "+"), ("qqp", "+"), ("stsb", "-")]
-        ds = {t: comp.difference(khi, klo, t) if t in comp.tasks else None for t, _ in parts}
-        v = combine([verdict([ds[t]], e) for t, e in parts])
-        ev = "; ".join(f"{t} r={hi} - r={lo}: {_fmt(ds[t])}" for t, _ in parts)
-    else:
-        v, ev = UNRESOLVED, "needs two ranks with dev predictions"
-    rows.append(["a higher LoRA rank helps SST-5 and QQP and hurts STS-B", "lora_rank", v, ev])
+    comps = []
+    if comp and "adapter.rank" in keys:
+        ranks = sorted((int(k[keys.index("adapter.rank")]), k) for k in groups)
+        if len(ranks) >= 2:
+            (lo, klo), (hi, khi) = ranks[0], ranks[-1]
+            comps = [
+                Comparison(f"{t} r={hi} - r={lo}", comp.difference(khi, klo, t) if t in comp.tasks else None, e)
+                for t, e in (("sst5", "+"), ("qqp", "+"), ("stsb", "-"))
+            ]
+    rows.append(
+        _row(
+            "a higher LoRA rank helps SST-5 and QQP and hurts STS-B (highest rank against lowest)",
+            "lora_rank",
+            comps,
+            margin,
+            "needs two ranks with dev predictions",
+        )
+    )
 
     keys, groups, comp = _study(by_study, "prefix_length")
-    ds = []
+    comps = []
     if comp and "adapter.length" in keys:
         ref = reference_of("prefix_length", keys, next(iter(groups)))
-        ds = [
-            (k[keys.index("adapter.length")], comp.difference(k, ref, None))
-            for k in groups
-            if k != ref and ref in groups
-        ]
+        if ref in groups:
+            comps = [
+                Comparison(f"P={k[keys.index('adapter.length')]} - P=4", comp.difference(k, ref, None), "0")
+                for k in groups
+                if k != ref
+            ]
     rows.append(
-        [
-            "prefix length barely matters (dev avg within ±0.01 of P=4)",
+        _row(
+            f"prefix length barely matters: every length's dev avg equivalent to P=4's within ±{margin:g}",
             "prefix_length",
-            verdict([d for _, d in ds], "0") if ds else UNRESOLVED,
-            "; ".join(f"P={p} - P=4: {_fmt(d)}" for p, d in ds) or "needs P=4 and another length",
-        ]
+            comps,
+            margin,
+            "needs P=4 and another length",
+        )
     )
 
     keys, groups, comp = _study(by_study, "prefix_mlp")
-    ds = []
+    comps = []
     if comp and "adapter.mlp" in keys:
+        length = keys.index("adapter.length") if "adapter.length" in keys else None
         for k in groups:
             if k[keys.index("adapter.mlp")] == "true":
                 ref = reference_of("prefix_mlp", keys, k)
                 if ref in groups:
-                    ds.append((k, comp.difference(k, ref, None)))
-    length = keys.index("adapter.length") if "adapter.length" in keys else None
+                    p = k[length] if length is not None else "?"
+                    comps.append(Comparison(f"P={p} MLP - none", comp.difference(k, ref, None), "+"))
     rows.append(
-        [
-            "the MLP reparameterisation helps prefix tuning (dev avg)",
+        _row(
+            "the MLP reparameterisation helps prefix tuning: dev avg significantly higher at every length",
             "prefix_mlp",
-            verdict([d for _, d in ds], "+") if ds else UNRESOLVED,
-            "; ".join(f"P={k[length] if length is not None else '?'} MLP - none: {_fmt(d)}" for k, d in ds)
-            or "needs runs with and without the MLP",
-        ]
+            comps,
+            margin,
+            "needs runs with and without the MLP",
+        )
     )
     return rows
+
+
+def overfitting(by_study: dict[str, list[dict]]) -> tuple[str, str, list[Comparison]]:
+    """LoRA's train - dev gap against full fine-tuning's, at the long runs' last epoch: train scored
+    in eval mode on the train_eval sample like dev (`predictions/last/`), rows of both drawn apart."""
+    claim = "LoRA overfits less than full fine-tuning: its train - dev gap (dev avg) significantly smaller"
+    runs = complete(by_study.get("epochs") or [])[0]
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((strategy(r),), []).append(r)
+    if ("lora",) not in groups or ("full",) not in groups:
+        return claim, "epochs", []
+    dev = StudyComparison(groups, folder="predictions/last")
+    train = StudyComparison(groups, split="train_eval", folder="predictions/last")
+    if not dev.tasks or not train.tasks:
+        return claim, "epochs", []
+    gap = {k: train.scores(k, None) - dev.scores(k, None) for k in (("lora",), ("full",))}
+    return claim, "epochs", [Comparison("gap LoRA - gap full", (gap[("lora",)] - gap[("full",)]).interval(), "-")]

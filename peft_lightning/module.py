@@ -18,7 +18,11 @@ from peft_lightning.distributed import any_rank, gather
 from peft_lightning.fastpath.precision import store_frozen_in
 from peft_lightning.model import MultiTaskModel
 from peft_lightning.optim import Optim, clip_gradients, lr_lambda, param_groups
+from peft_lightning.results import selection_score
 from peft_lightning.tasks import TASKS
+
+EVAL_SPLITS = ("dev", "select", "train_eval")
+STAGE = {"dev": "val", "select": "select", "train_eval": "train_eval"}  # the logged keys' prefix
 
 
 def task_metrics(task: str) -> tm.MetricCollection:
@@ -53,12 +57,17 @@ class MultiTaskModule(L.LightningModule):
         self.model, self.optim, self.seed = model, optim or Optim(), seed
         self.task_names = model.task_names
         self.train_metrics = torch.nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
-        self.val_metrics = torch.nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
+        # the evaluated splits (dev; the selection split and the train_eval sample where the data has them)
+        self.eval_metrics = torch.nn.ModuleDict(
+            {s: torch.nn.ModuleDict({t: task_metrics(t) for t in self.task_names}) for s in EVAL_SPLITS}
+        )
         self.history: list[dict] = []
-        # dev predictions of the best epoch so far: (task -> (row index, prediction)); these are the
-        # best checkpoint's dev predictions, so the run needs no second pass over dev at the end
-        self.best_dev_predictions: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
-        self._val_outputs: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        # predictions of the evaluated splits at the best epoch so far and at the last one:
+        # (task, split) -> (row index, prediction); the best are the best checkpoint's, so the run
+        # needs no second pass over dev at the end
+        self.best_eval_predictions: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.last_eval_predictions: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._val_outputs: dict[tuple[str, str], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self._loss_sums: dict[str, tuple[torch.Tensor, int]] = {}
         self.strict_loading = False  # checkpoints hold only what trains
 
@@ -120,11 +129,11 @@ class MultiTaskModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         for task, out in self(batch).items():
-            t = TASKS[task]
+            t, split = TASKS[task], batch[task].get("split", "dev")
             pred = t.prediction(out)
-            self.val_metrics[task].update(pred, t.target(batch[task]["labels"]))
+            self.eval_metrics[split][task].update(pred, t.target(batch[task]["labels"]))
             if not self.trainer.sanity_checking:
-                self._val_outputs.setdefault(task, []).append((batch[task]["index"].detach(), pred.detach()))
+                self._val_outputs.setdefault((task, split), []).append((batch[task]["index"].detach(), pred.detach()))
 
     def predict_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> dict:
         ((task, out),) = self(batch).items()
@@ -140,34 +149,42 @@ class MultiTaskModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self.model.adapter.unmerge()
-        dev = self._compute("val")
+        scores = {split: self._compute(self.eval_metrics[split]) for split in EVAL_SPLITS}
         outputs, self._val_outputs = self._val_outputs, {}
         if self.trainer.sanity_checking:
             return
-        train = self._compute("train")
-        # every rank holds every dev prediction (DDP), on the host
-        outputs = merge_ranks(gather({t: [(i.cpu(), p.cpu()) for i, p in v] for t, v in outputs.items()}))
-        record = {"epoch": self.current_epoch + 1, "step": self.global_step, "train": train, "dev": dev}
-        record["train_avg"], record["dev_avg"] = average(train), average(dev)
-        flat = {f"val/{t}/{m}": v for t, ms in dev.items() for m, v in ms.items()}
+        train = self._compute(self.train_metrics)
+        # every rank holds every prediction (DDP), on the host
+        outputs = merge_ranks(gather({k: [(i.cpu(), p.cpu()) for i, p in v] for k, v in outputs.items()}))
+        record = {"epoch": self.current_epoch + 1, "step": self.global_step, "train": train, "dev": scores["dev"]}
+        record["train_avg"], record["dev_avg"] = average(train), average(scores["dev"])
+        for split in ("select", "train_eval"):  # where the data has them
+            if scores[split]:
+                record[split], record[f"{split}_avg"] = scores[split], average(scores[split])
+        flat = {f"{STAGE[s]}/{t}/{m}": v for s in EVAL_SPLITS for t, ms in scores[s].items() for m, v in ms.items()}
         flat.update({f"train/{t}/{m}": v for t, ms in train.items() for m, v in ms.items()})
-        if record["train_avg"] is not None:
-            flat["train/avg"] = record["train_avg"]
+        for key, name in (
+            ("train_avg", "train/avg"),
+            ("train_eval_avg", "train_eval/avg"),
+            ("select_avg", "select/avg"),
+        ):
+            if record.get(key) is not None:
+                flat[name] = record[key]
         # the values are the same on every rank (synchronised metrics): sync_dist only averages equals
         many = self.trainer.world_size > 1
         flat = {k: v for k, v in flat.items() if v is not None and not math.isnan(v)}
         self.log_dict(flat, prog_bar=False, sync_dist=many)
         self.log("val/avg", record["dev_avg"], prog_bar=True, sync_dist=many)
-        best = max((h["dev_avg"] for h in self.history if h.get("dev_avg") is not None), default=None)
-        if record["dev_avg"] is not None and (best is None or record["dev_avg"] > best):
-            self.best_dev_predictions = {
-                t: (torch.cat([i for i, _ in v]), torch.cat([p for _, p in v])) for t, v in outputs.items()
-            }
+        merged = {k: (torch.cat([i for i, _ in v]), torch.cat([p for _, p in v])) for k, v in outputs.items()}
+        best = max((selection_score(h) for h in self.history if selection_score(h) is not None), default=None)
+        if selection_score(record) is not None and (best is None or selection_score(record) > best):
+            self.best_eval_predictions = merged
+        self.last_eval_predictions = merged
         self.history.append(record)
 
-    def _compute(self, stage: str) -> dict[str, dict[str, float]]:
+    def _compute(self, metrics: torch.nn.ModuleDict) -> dict[str, dict[str, float]]:
         result = {}
-        for task, coll in (self.train_metrics if stage == "train" else self.val_metrics).items():
+        for task, coll in metrics.items():
             # under DDP compute() is a collective: every rank computes when any rank has updates
             if not any_rank(any(m.update_count for m in coll.values()), self.device):
                 continue

@@ -12,10 +12,13 @@ import csv
 import json
 from pathlib import Path
 
-from peft_lightning.findings import findings
+from peft_lightning.comparisons import StudyComparison
+from peft_lightning.findings import MARGIN, findings
+from peft_lightning.floor import FLOOR_DIR, write_floor
 from peft_lightning.results import RESULTS
 from peft_lightning.runs import load_runs, mean, overrides, score, varying_keys
-from peft_lightning.tables import bold_best, epochs_table, multitask_table, study_table
+from peft_lightning.tables import bold_best, epochs_table, multitask_table, protocol, study_table
+from peft_lightning.tasks import TASKS
 
 PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
 BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head", "peft_methods"]
@@ -107,7 +110,8 @@ def plot_epochs(path: Path, runs: list[dict]) -> bool:
 
 
 def tuned_lrs(root: Path) -> list[str]:
-    """The lr `peft-tune` chose for each strategy, and the grid's dev avg behind it."""
+    """The lr `peft-tune` chose for each strategy, and the grid's selection score behind it (dev avg
+    for searches from before the selection split, or under the study's protocol)."""
     lines = []
     for path in sorted(root.rglob("tuned_lr.json")):
         chosen = json.loads(path.read_text()).get("strategies", {})
@@ -116,7 +120,7 @@ def tuned_lrs(root: Path) -> list[str]:
                 name,
                 f"{c['lr']:g}",
                 c["sets"],
-                f"{c['dev_avg']:.4f}",
+                f"{c.get('score', c.get('dev_avg')):.4f} ({c.get('on', 'dev')} avg)",
                 ", ".join(f"{lr}: {v:.4f}" for lr, v in c["grid"].items()),
             ]
             for name, c in chosen.items()
@@ -124,49 +128,91 @@ def tuned_lrs(root: Path) -> list[str]:
         lines += [
             "Tuned learning rates (`peft-tune`):",
             "",
-            markdown(["strategy", "lr", "sets", "search dev avg", "grid"], rows),
+            markdown(["strategy", "lr", "sets", "search score", "grid"], rows),
             "",
         ]
     return lines
 
 
-def build_report(root: str | Path, out: str | Path | None = None) -> Path:
-    """Write report.md, CSVs and PNGs for the runs under `root`; returns the report's path."""
+def rows_line(study: str, runs: list[dict]) -> str:
+    """ "Dev rows: ..." — the rows every complete run of the study predicted, which its intervals rest on."""
+    groups = {(i,): [r] for i, r in enumerate(runs) if r.get("status") == "complete"}
+    comp = StudyComparison(groups, n_boot=2) if groups else None
+    if comp is None or not comp.tasks:
+        return ""
+    return "Dev rows the intervals rest on: " + ", ".join(f"{t} {comp.rows(t):,}" for t in comp.tasks) + ". "
+
+
+def build_report(
+    root: str | Path, out: str | Path | None = None, margin: float = MARGIN, floor_data: str | Path | None = None
+) -> Path:
+    """Write report.md, CSVs and PNGs for the runs under `root`; returns the report's path.
+
+    Args:
+        root: a sweep folder (every results.json under it is a run).
+        out: where to write (default `root`).
+        margin: the equivalence margin of the findings (`report.margin`).
+        floor_data: a data folder: fit the bag-of-words floor on it into `root/floor/bow` if not there.
+    """
     root = Path(root)
     out = Path(out) if out else root
     out.mkdir(parents=True, exist_ok=True)
+    if floor_data is not None and not (root / FLOOR_DIR / RESULTS).is_file():
+        write_floor(floor_data, root)
     runs = load_runs(root)
     if not runs:
         raise SystemExit(f"peft-report: no {RESULTS} under {root}")
+    floors = [r for r in runs if r.get("study") == "floor" and r.get("status") == "complete"]
+    floor = floors[0] if floors else None
+    runs = [r for r in runs if r.get("study") != "floor"]
     by_study: dict[str, list[dict]] = {}
     for r in runs:
         by_study.setdefault(r.get("study") or "adhoc", []).append(r)
     studies = [s for s in ORDER if s in by_study] + sorted(s for s in by_study if s not in ORDER)
     models = sorted({(r.get("model") or {}).get("name", "?") for r in runs})
+    budgets = sorted({str(((r.get("config") or {}).get("budget") or {}).get("name", "?")) for r in runs})
+    seeds = sorted({str(r.get("seed")) for r in runs if r.get("seed") is not None}, key=lambda s: (len(s), s))
     lines = [
-        f"# Report: {root.name}",
+        f"# Report: {', '.join(studies) or 'no study'} · budget {', '.join(budgets)} · model {', '.join(models)}",
         "",
-        f"{len(runs)} runs; models: {', '.join(models)}; {sum(r.get('status') == 'complete' for r in runs)} complete.",
+        f"{len(runs)} runs under `{root.name}`; {sum(r.get('status') == 'complete' for r in runs)} complete; "
+        f"seeds {', '.join(seeds) or '-'}.",
         "",
     ]
     lines.append(
-        "Scores are each run's best epoch by dev avg (mean of SST-5 acc, QQP acc, STS-B Pearson); "
-        "the best value of each column is in bold; mean ± std over seeds where several ran."
+        "Scores are each run's chosen epoch (the protocol under each table says on which rows it was "
+        "chosen); mean ± std over seeds where several ran; the best value of each column is in bold."
     )
     if "minilm" in models:
         lines.append(
             "The packaged MiniLM saw Quora duplicate pairs in pretraining: its QQP scores are not clean transfer."
         )
     lines += [
-        "95% intervals: a paired bootstrap over the dev rows every run of a study predicted (1,000 "
-        "resamples, seeded), with seeds resampled too where several ran; `*` marks a difference whose "
-        "interval excludes 0.",
+        "95% intervals hold both the dev rows and the seeds: the rows' part from a paired bootstrap over "
+        "the dev rows every run of a study predicted (1,000 draws, seeded; what the seeds share), the "
+        "seeds' part from the spread of the per-seed scores with Student's t on n - 1 degrees of freedom "
+        "(`docs/studies.md`, Statistics). Seeds are paired by seed value; n is the number of seeds an "
+        "interval rests on. `*` marks a difference whose interval excludes 0.",
         "",
         "## Findings of the study, checked",
         "",
-        markdown(["claim", "study", "verdict", "evidence (difference [95% CI])"], findings(by_study)),
+        f"Verdicts: reproduced, contradicted, equivalent (within ±{margin:g}: two one-sided tests at 0.05) "
+        "or unresolved; each claim's comparisons are tested with Holm's adjustment (one-sided at 0.025 for "
+        "a direction).",
+        "",
+        markdown(["claim", "study", "verdict", "evidence (difference [95% CI], seeds n)"], findings(by_study, margin)),
         "",
     ]
+    if floor is not None:
+        fb = floor["best"]
+        lines += [
+            "Floor: a bag-of-words model (TF-IDF 1-2 grams, logistic regression for SST-5 and QQP, ridge for "
+            "STS-B) on the full training sets: dev "
+            + ", ".join(f"{t} {TASKS[t].main_metric} {fb['dev'][t][TASKS[t].main_metric]:.4f}" for t in fb["dev"])
+            + f", dev avg {fb['dev_avg']:.4f}. Each table's last column is a row's dev avg against it "
+            "(the floor has no seed: its interval is the rows').",
+            "",
+        ]
     for study in studies:
         srun = by_study[study]
         lines += [f"## {TITLES.get(study, study)}", ""]
@@ -175,9 +221,14 @@ def build_report(root: str | Path, out: str | Path | None = None) -> Path:
         elif study == "multitask_vs_single":
             header, rows = multitask_table(srun)
         else:
-            header, rows, numbers = study_table(study, srun)
+            header, rows, numbers = study_table(study, srun, floor)
             rows = bold_best(header, rows, numbers, len(varying_keys(srun)))
-        lines += [markdown(header, rows), "", f"CSV: `{study}.csv`", ""]
+        lines += [
+            markdown(header, rows),
+            "",
+            f"Protocol: {protocol(srun)}. {rows_line(study, srun)}CSV: `{study}.csv`",
+            "",
+        ]
         if study == "tuned":
             lines += tuned_lrs(root)
         write_csv(out / f"{study}.csv", header, rows)
@@ -200,8 +251,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="peft-report", description=__doc__.splitlines()[0])
     parser.add_argument("root", help="a multirun folder (searched recursively for results.json)")
     parser.add_argument("--out", help="where to write report.md, CSVs and PNGs (default: the root)")
+    parser.add_argument(
+        "--margin", type=float, default=MARGIN, help="equivalence margin of the findings (default 0.01)"
+    )
+    parser.add_argument(
+        "--floor-data", help="a data folder: fit the bag-of-words floor row on it (once, into ROOT/floor/bow)"
+    )
     args = parser.parse_args(argv)
-    print(build_report(args.root, args.out))
+    if not args.margin > 0:
+        parser.error(f"--margin must be a number > 0, got {args.margin}")
+    print(build_report(args.root, args.out, args.margin, args.floor_data))
 
 
 if __name__ == "__main__":

@@ -82,12 +82,15 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {study}: {' '.join(cmd[2:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             failed.append(study)
-    report_and_exit(report_root, t0, failed, "studies whose sweep process failed")
+    report_and_exit(report_root, t0, failed, "studies whose sweep process failed", budget, rest)
 
 
-def report_and_exit(root: Path, t0: float, failed: list[str], what: str) -> None:
-    """The report over `root` (into `root/report`), its path and the time taken; exit 1 if any failed."""
-    report = build_report(root, root / "report")
+def report_and_exit(root: Path, t0: float, failed: list[str], what: str, budget: str, overrides: list[str]) -> None:
+    """The report over `root` (into `root/report`, with the bag-of-words floor fitted on the runs'
+    data and `report.margin`), its path and the time taken; exit 1 if any failed."""
+    cfg = compose([f"budget={budget}", *overrides])
+    data = Path(str(cfg.data.dir)).expanduser()
+    report = build_report(root, root / "report", float(cfg.report.margin), data if data.is_dir() else None)
     print(f"report: {report} ({time.time() - t0:.0f} s)")
     if failed:
         print(f"{what}: {failed}", file=sys.stderr)

@@ -111,9 +111,15 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
+def selection_score(record: dict) -> float | None:
+    """What an epoch is chosen by: the selection split's avg where the run has one, else dev's."""
+    return record.get("select_avg") if "select" in record else record.get("dev_avg")
+
+
 def best_epoch(history: list[dict]) -> dict | None:
-    scored = [h for h in history if h.get("dev_avg") is not None]
-    return max(scored, key=lambda h: h["dev_avg"]) if scored else None
+    """The epoch the run chose (and predicts with): the best by `selection_score`, the first of ties."""
+    scored = [h for h in history if selection_score(h) is not None]
+    return max(scored, key=selection_score) if scored else None
 
 
 class ResultsWriter(L.Callback):
@@ -251,10 +257,12 @@ def format_prediction(p: float | int) -> str:
     return f"{p:.6f}" if isinstance(p, float) else str(int(p))
 
 
-def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, str], list]) -> dict[str, str]:
-    """Write `predictions/{task}-{split}.tsv` with columns id and prediction (and, for a split with
+def write_predictions(
+    run_dir: str | Path, datamodule, preds: dict[tuple[str, str], list], folder: str = "predictions"
+) -> dict[str, str]:
+    """Write `<folder>/{task}-{split}.tsv` with columns id and prediction (and, for a split with
     labels, the label: a dev file is then all a paired bootstrap needs), ids as in the input."""
-    folder = Path(run_dir) / "predictions"
+    folder = Path(run_dir) / folder
     folder.mkdir(parents=True, exist_ok=True)
     written = {}
     for (task, split), values in sorted(preds.items()):
@@ -269,7 +277,7 @@ def write_predictions(run_dir: str | Path, datamodule, preds: dict[tuple[str, st
             lines += [[id_, format_prediction(p), y] for id_, p, y in zip(data.ids, values, labels)]
         path = folder / f"{task}-{split}.tsv"
         atomic_write(path, lambda f, lines=lines: csv.writer(f, delimiter="\t", lineterminator="\n").writerows(lines))
-        written[f"{task}-{split}"] = str(path.relative_to(run_dir))
+        written[str(path.relative_to(Path(run_dir) / "predictions").with_suffix(""))] = str(path.relative_to(run_dir))
     return written
 
 
@@ -280,7 +288,10 @@ def summary(res: dict, run_dir: str | Path) -> str:
     best = res.get("best") or {}
     lines = [f"run {res.get('status', '?')}: {run_dir}"]
     if best:
-        lines.append(f"  best epoch {best['epoch']} of {len(res.get('history', []))}, dev avg {best['dev_avg']:.4f}")
+        chosen = f", chosen on select avg {best['select_avg']:.4f}" if best.get("select_avg") is not None else ""
+        lines.append(
+            f"  best epoch {best['epoch']} of {len(res.get('history', []))}, dev avg {best['dev_avg']:.4f}{chosen}"
+        )
         for task, metrics in best.get("dev", {}).items():
             lines.append(f"  dev {task:<5} " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     preds = res.get("predictions") or {}

@@ -43,7 +43,8 @@ def overrides(run: dict) -> dict[str, str]:
     out = {}
     for item in run.get("overrides") or []:
         key, _, value = item.partition("=")
-        out[key.lstrip("+~")] = value
+        # Hydra names a sweep's booleans as Python prints them (adapter.mlp=True): the same setting as `true`
+        out[key.lstrip("+~")] = value.lower() if value in ("True", "False") else value
     return out
 
 

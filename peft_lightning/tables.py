@@ -1,7 +1,8 @@
 """Tables of a study from its runs' results.json: rows of formatted cells, one per setting.
 
 `study_table`: rows are the sweep's varying overrides; runs that differ only in seed are averaged and
-shown as mean +- std; scores are each run's best epoch (by dev avg), the checkpoint it predicts with;
+shown as mean +- std; scores are each run's chosen epoch (by its selection split, or by dev under the
+study's protocol: `protocol`), the checkpoint it predicts with;
 a failed or unfinished job is a row that says so. `epochs_table`: one row per epoch mark of each
 long run. `multitask_table`: each task's score trained alone beside trained with the other two.
 """
@@ -17,8 +18,11 @@ WITH_TRAIN = {"epochs", "lora_rank"}
 WITH_COST = {"main", "peft_methods", "lora_targets"}  # tables that also show parameters, step time, memory
 
 
-def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]], list[list[float | None]]]:
-    """Header, formatted rows, and the numeric means behind them (for bolding and plots)."""
+def study_table(
+    study: str, runs: list[dict], floor: dict | None = None
+) -> tuple[list[str], list[list[str]], list[list[float | None]]]:
+    """Header, formatted rows, and the numeric means behind them (for bolding and plots); with the
+    bag-of-words `floor` run, each row's dev avg difference to it."""
     keys = varying_keys(runs)
     parts = ["train", "dev"] if study in WITH_TRAIN else ["dev"]
     header = list(keys) + [f"{p} {t} {m}" for p in parts for t, m in METRICS] + [f"{p} avg" for p in parts]
@@ -28,7 +32,7 @@ def study_table(study: str, runs: list[dict]) -> tuple[list[str], list[list[str]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
-    ci_header, ci_cells, _ = interval_columns(study, keys, {k: complete(m)[0] for k, m in groups.items()})
+    ci_header, ci_cells, _ = interval_columns(study, keys, {k: complete(m)[0] for k, m in groups.items()}, floor)
     header += ci_header + ["seeds", "status"]
     rows, numbers = [], []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])):
@@ -189,3 +193,15 @@ def _tasks(run: dict) -> tuple[str, ...]:
 def _signed(values: list[float]) -> str:
     text = fmt(values)
     return text if text == "-" or text.startswith("-") else "+" + text
+
+
+def protocol(runs: list[dict]) -> str:
+    """How the runs of a table chose their epoch, in words (runs from before the selection split: dev)."""
+    ons = {(r.get("selection") or {}).get("on", "dev") for r in runs}
+    if ons == {"select"}:
+        rows = next(r["selection"].get("rows") for r in runs if r.get("selection"))
+        held = ", ".join(f"{t} {n:,}" for t, n in (rows or {}).items())
+        return f"best epoch chosen on the selection split held out of training ({held} rows); dev only scored"
+    if ons == {"dev"}:
+        return "best epoch chosen on dev, the rows reported (the study's protocol: dev scores are optimistic)"
+    return "mixed: some runs chose their epoch on the selection split, some on dev"

@@ -39,6 +39,7 @@ from peft_lightning.results import (
     in_row_order,
     is_complete,
     read_results,
+    selection_score,
     summary,
     write_predictions,
 )
@@ -146,6 +147,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         return read_results(run_dir)
     L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
     backbone, dm, module = build(cfg)
+    dm.setup()  # the data's errors before anything is written, and the selection split's size for results.json
     adapter = module.model.adapter
     run_name = cfg.get("run_name") or run_dir.name
     meta = {
@@ -154,6 +156,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         "adapter": adapter.describe(),
         "model": {"name": cfg.model.name, "source": cfg.model.source, "pooling": cfg.model.pooling},
         "schedule": cfg.data.schedule,
+        "selection": dm.selection_record(),  # how the best epoch is chosen (dev is only scored, by default)
         "tasks": dm.task_names,
         "epochs": cfg.trainer.max_epochs,
         "seed": cfg.seed,
@@ -170,7 +173,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     ckpt_cb = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
-        monitor="val/avg",
+        monitor="select/avg" if dm.select_on == "selection" else "val/avg",  # dev is only scored
         mode="max",
         save_last=True,
         save_top_k=1,
@@ -228,7 +231,10 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
         if trainer.interrupted:
             raise KeyboardInterrupt
         extra = {}
-        extra.update(predict(trainer, module, dm, ckpt_cb.best_model_path or None, run_dir, test=cfg.predict))
+        best = ckpt_cb.best_model_path or None
+        extra.update(
+            predict(trainer, module, dm, best, run_dir, test=cfg.predict, last=cfg.get("last_predictions", False))
+        )
         result = writer.write(trainer, module, status="complete", **extra)
     except KeyboardInterrupt:
         writer.write(trainer, module, status="interrupted")
@@ -256,27 +262,38 @@ def predict(
     best: str | None,
     run_dir: Path,
     test: bool = True,
+    last: bool = False,
 ) -> dict:
-    """Dev and test predictions of the best checkpoint.
+    """Dev (and selection split, train_eval sample) and test predictions of the best checkpoint.
 
-    Dev predictions come from the best epoch's own validation pass when this process saw it (no
-    extra pass: they are written even with `predict=false`, for the reports' paired bootstrap);
-    test (and dev after a resume that did not see the best epoch) take one predict pass, with
-    `predict=true` only.
+    The evaluated splits' predictions come from the best epoch's own validation pass when this
+    process saw it (no extra pass: they are written even with `predict=false`, for the reports'
+    paired bootstrap); test (and the evaluated splits after a resume that did not see the best
+    epoch) take one predict pass, with `predict=true` only. With `last`, the last epoch's evaluated
+    splits also go to `predictions/last/` (the epochs study's train - dev gap at its last mark).
     """
+
+    def in_order(outputs: dict) -> dict[tuple[str, str], list]:
+        return {
+            (t, s): in_row_order(len(dm.split(t, s)), index, values, f"{t}-{s}")
+            for (t, s), (index, values) in outputs.items()
+        }
+
+    written = {}
+    if last and module.last_eval_predictions and trainer.is_global_zero:  # the last epoch's, for the epochs study
+        written = write_predictions(run_dir, dm, in_order(module.last_eval_predictions), "predictions/last")
     preds = {}
-    dev = module.best_dev_predictions if best else None
-    if dev is not None and set(dev) == set(dm.task_names):
-        for task, (index, values) in dev.items():
-            preds[(task, "dev")] = in_row_order(len(dm.split(task, "dev")), index, values, f"{task}-dev")
+    evaluated = module.best_eval_predictions if best else None
+    if evaluated is not None and set(dm.val_targets()) <= set(evaluated):
+        preds = in_order({k: evaluated[k] for k in dm.val_targets()})
     if not test:
         if not preds:
-            return {}
+            return {"predictions": written} if written else {}
         return {
-            "predictions": write_predictions(run_dir, dm, preds) if trainer.is_global_zero else {},
+            "predictions": {**written, **write_predictions(run_dir, dm, preds)} if trainer.is_global_zero else {},
             "predicted_from": Path(best).name,
         }
-    splits = ("test",) if preds else ("dev", "test")
+    splits = ("test",) if preds else ("dev", "select", "train_eval", "test")
     targets = dm.predict_targets(splits)
     outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(splits), ckpt_path=best)
     if len(targets) == 1:
@@ -285,7 +302,7 @@ def predict(
     merged = [[b for rank_outputs in per_rank for b in rank_outputs[k]] for k in range(len(targets))]
     preds.update(collect_predictions(dm, targets, merged))
     return {
-        "predictions": write_predictions(run_dir, dm, preds) if trainer.is_global_zero else {},
+        "predictions": {**written, **write_predictions(run_dir, dm, preds)} if trainer.is_global_zero else {},
         "predicted_from": Path(best).name if best else "last weights",
     }
 
@@ -336,7 +353,7 @@ def main(cfg: DictConfig) -> float | None:
     if process_rank() == 0 and result:
         log.info("%s", summary(result, cfg.output_dir))
     best = (result or {}).get("best") or {}
-    return best.get("dev_avg")
+    return selection_score(best)  # what a Hydra sweeper optimises: the selection split's score, not dev's
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from pathlib import Path
 from peft_lightning.config import compose
 from peft_lightning.optim import TUNED_ROLE
 from peft_lightning.reproduce import report_and_exit, sweep_dir
+from peft_lightning.results import selection_score
 from peft_lightning.runs import load_runs
 
 
@@ -46,21 +47,28 @@ def composed(budget: str, overrides: list[str]):
 
 
 def choose(runs: list[dict], strategies: list[str]) -> dict[str, dict]:
-    """Per strategy, the grid's dev avg by lr and the lr with the highest (complete runs only)."""
+    """Per strategy, the grid's selection score by lr and the lr with the highest (complete runs only).
+
+    The score is each run's chosen epoch's avg on its selection split, held out of training, so the
+    chosen lr never reads the dev rows the report scores; runs under the study's protocol
+    (`data.select_on=dev`) have only dev, and `on` says so."""
     chosen = {}
     for name in strategies:
         scores: dict[float, float] = {}
+        ons = set()
         for r in runs:
             lr = ((r.get("config") or {}).get("optim") or {}).get("tuned_lr")
             if (r.get("adapter") or {}).get("name") == name and r.get("status") == "complete" and r.get("best"):
-                if lr is not None and r["best"].get("dev_avg") is not None:
-                    scores[float(lr)] = r["best"]["dev_avg"]
+                if lr is not None and selection_score(r["best"]) is not None:
+                    scores[float(lr)] = selection_score(r["best"])
+                    ons.add("select" if "select" in r["best"] else "dev")
         if scores:
             best = max(scores, key=scores.get)
             chosen[name] = {
                 "lr": best,
                 "sets": f"optim.{TUNED_ROLE.get(name, 'adapter_lr')}",
-                "dev_avg": scores[best],
+                "score": scores[best],
+                "on": "/".join(sorted(ons)),
                 "grid": {f"{lr:g}": v for lr, v in sorted(scores.items())},
             }
     return chosen
@@ -89,7 +97,8 @@ def main(argv: list[str] | None = None) -> None:
     final = sweep_dir("tuned", budget, rest)
     for name, pick in chosen.items():
         print(
-            f"== {name}: lr {pick['lr']:g} ({pick['sets']}), dev avg {pick['dev_avg']:.4f}; seeds {seeds}", flush=True
+            f"== {name}: lr {pick['lr']:g} ({pick['sets']}), {pick['on']} avg {pick['score']:.4f}; seeds {seeds}",
+            flush=True,
         )
         subprocess.run(train_cmd("tuned", budget, f"adapter={name}", f"optim.tuned_lr={pick['lr']:g}", *rest))
     final.mkdir(parents=True, exist_ok=True)
@@ -97,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         json.dumps({"budget": budget, "seeds": seeds, "strategies": chosen}, indent=2) + "\n"
     )
     root = Path(os.path.commonpath([str(search.resolve()), str(final.resolve())]))
-    report_and_exit(root, t0, missing, "strategies without a complete search run")
+    report_and_exit(root, t0, missing, "strategies without a complete search run", budget, rest)
 
 
 if __name__ == "__main__":

@@ -206,7 +206,9 @@ def test_unknown_schedule_is_rejected():
 
 
 def test_datamodule_batches(data_dir, tiny_tokenizer, tmp_path):
-    dm = MultiTaskDataModule(data_dir, tiny_tokenizer, batch_size={"sst5": 4, "qqp": 8, "stsb": 2}, cache_dir=tmp_path)
+    dm = MultiTaskDataModule(
+        data_dir, tiny_tokenizer, batch_size={"sst5": 4, "qqp": 8, "stsb": 2}, cache_dir=tmp_path, select_on="dev"
+    )  # the study's protocol: every training row trains
     dm.setup()
     steps = list(dm.train_dataloader())
     assert len(steps) == 24  # stsb: 48 rows / 2
@@ -214,8 +216,10 @@ def test_datamodule_batches(data_dir, tiny_tokenizer, tmp_path):
     assert set(first) == {"sst5", "qqp", "stsb"}
     assert first["sst5"]["labels"].shape == (4,) and len(first["sst5"]["inputs"]) == 1
     assert first["qqp"]["labels"].shape == (8,) and len(first["qqp"]["inputs"]) == 2
+    assert dm.val_targets() == [(t, s) for s in ("dev", "train_eval") for t in ("sst5", "qqp", "stsb")]
     dev = [b for dl in dm.val_dataloader() for b in dl]
-    assert sum(len(b[t]["index"]) for b in dev for t in b) == 3 * 16
+    assert sum(len(b[t]["index"]) for b in dev for t in b if b[t]["split"] == "dev") == 3 * 16
+    assert sum(len(b[t]["index"]) for b in dev for t in b if b[t]["split"] == "train_eval") == 3 * 48
 
 
 def test_write_tsv_helper_roundtrip(tmp_path):

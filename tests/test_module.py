@@ -99,13 +99,24 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
         assert set(h["dev"]["qqp"]) == {"acc", "f1"} and set(h["dev"]["stsb"]) == {"pearson", "spearman"}
         avg = (h["dev"]["sst5"]["acc"] + h["dev"]["qqp"]["acc"] + h["dev"]["stsb"]["pearson"]) / 3
         assert h["dev_avg"] == pytest.approx(avg)
-    assert res["best"]["dev_avg"] == max(h["dev_avg"] for h in res["history"])
+    # the best epoch is chosen on the selection split (9 of each task's 48 training rows, held out), never on dev
+    assert res["selection"]["on"] == "select" and res["selection"]["rows"] == {"sst5": 9, "qqp": 9, "stsb": 9}
+    for h in res["history"]:
+        assert set(h["select"]) == set(h["train_eval"]) == {"sst5", "qqp", "stsb"}
+        avg = (h["select"]["sst5"]["acc"] + h["select"]["qqp"]["acc"] + h["select"]["stsb"]["pearson"]) / 3
+        assert h["select_avg"] == pytest.approx(avg)
+    assert res["best"]["select_avg"] == max(h["select_avg"] for h in res["history"])
     assert res["adapter"]["name"] == "lora" and res["adapter"]["rank"] == 2
-    assert res["steps"] == 2 * 6 and res["step_time_ms"] > 0 and res["peak_memory_mb"] > 0
-    # steady step time leaves out the fit's first 10 (warm-up) steps: 2 of 12 steps count
+    assert res["steps"] == 2 * 5 and res["step_time_ms"] > 0 and res["peak_memory_mb"] > 0  # 39 rows, batches of 8
+    # steady step time leaves out the fit's first 10 (warm-up) steps: none of 10 steps count
     last = res["history"][-1]
-    assert last["train_steps"] == 12 and last["steady_steps"] == 2 and 0 < last["steady_s"] < last["train_s"]
-    assert res["steady_step_ms"] == pytest.approx(1000 * last["steady_s"] / 2, abs=1e-3)
+    assert last["train_steps"] == 10 and last["steady_steps"] == 0
+    for task in ("sst5", "qqp", "stsb"):  # the selection split and the train_eval sample, written like dev
+        select = read_tsv(out / "predictions" / f"{task}-select.tsv")
+        train_eval = read_tsv(out / "predictions" / f"{task}-train_eval.tsv")
+        assert select[0] == train_eval[0] == ["id", "prediction", "label"]
+        assert len(select) == 9 + 1 and len(train_eval) == 39 + 1
+        assert not {r[0] for r in select[1:]} & {r[0] for r in train_eval[1:]}  # held out of training
     assert res["params"]["encoder"]["trainable"] == sum(2 * (i + o) for i, o in lora_shapes(res))
     for task, id_col in (("sst5", 0), ("qqp", 0), ("stsb", 0)):
         for split, n in (("dev", 16), ("test", 12)):
@@ -142,7 +153,7 @@ def test_dev_predictions_match_best_checkpoint_metrics(tiny_model_dir, data_dir,
 
 
 def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, data_dir, tmp_path, caplog):
-    args = ("adapter=lora", "adapter.dropout=0.1", "optim.lr=1e-2", "trainer.deterministic=true")
+    args = ("adapter=lora", "adapter.dropout=0.1", "optim.lr=1e-2", "trainer.deterministic=true", "data.select_on=dev")
     full = run(tiny_model_dir, data_dir, tmp_path / "a", *args, "trainer.max_epochs=3")
     # an interrupted run: two epochs done and checkpointed, then killed (results.json still 'running')
     out = tmp_path / "b"
@@ -225,7 +236,7 @@ def test_train_losses_are_logged_as_means_over_each_logging_interval(tiny_model_
     from lightning.pytorch.loggers import CSVLogger
 
     module, bb = build(tiny_model_dir, LoRA(rank=2))
-    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path)
+    dm = MultiTaskDataModule(data_dir, bb.tokenizer, cache_dir=tmp_path, select_on="dev")
     steps: list[float] = []
 
     class Record(L.Callback):
@@ -263,7 +274,13 @@ def test_bf16_mixed_lora_run_with_packed_casts(tiny_model_dir, data_dir, tmp_pat
     )
     monkeypatch.setattr(lora, "move_into_arena", lambda *a: arenas.append(1) or real_move(*a))
     out = tmp_path / "bf16"
-    args = ("adapter=lora", "adapter.rank=2", "trainer.max_epochs=1", "trainer.precision=bf16-mixed")
+    args = (
+        "adapter=lora",
+        "adapter.rank=2",
+        "trainer.max_epochs=1",
+        "trainer.precision=bf16-mixed",
+        "data.select_on=dev",
+    )
     res = run(tiny_model_dir, data_dir, out, *args, "model.fuse_passes=true")
     assert res["status"] == "complete" and res["steps"] == 6
     assert calls.count(True) == 6  # every training step writes the A and B the optimizer changed

@@ -1,4 +1,5 @@
-"""The paired bootstrap, the findings' verdict logic, and both in a report, on synthetic predictions."""
+"""Intervals (rows and seeds), their coverage on simulated studies, the four verdicts with Holm's
+adjustment, pairing by seed, and all of it in a report, on synthetic predictions."""
 
 from __future__ import annotations
 
@@ -6,25 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from scipy.stats import pearsonr, spearmanr
+from scipy.optimize import brentq
+from scipy.stats import norm, pearsonr, spearmanr
 
 from peft_lightning import stats
-from peft_lightning.findings import CONTRADICTED, REPRODUCED, UNRESOLVED, combine, verdict
+from peft_lightning.comparisons import StudyComparison
+from peft_lightning.findings import CONTRADICTED, EQUIVALENT, REPRODUCED, UNRESOLVED, Comparison, verdict
 from peft_lightning.report import build_report
-from peft_lightning.stats import Interval
-
-N = 1000
-
-
-LABEL = np.random.default_rng(0).integers(0, 5, N)
-
-
-def labels_and(correct_rate: float, seed: int, classes: int = 5) -> tuple[np.ndarray, np.ndarray]:
-    """The shared labels, and a predictor right on about `correct_rate` of them."""
-    rng = np.random.default_rng(seed)
-    right = rng.random(N) < correct_rate
-    pred = np.where(right, LABEL, (LABEL + rng.integers(1, classes, N)) % classes)
-    return LABEL, pred
+from peft_lightning.stats import Interval, Scores
 
 
 def test_metrics_on_resamples_equal_scipy():
@@ -43,121 +33,217 @@ def test_metrics_on_resamples_equal_scipy():
     assert stats.metric_rows("f1", pred[None], lab[None])[0] == pytest.approx(2 * tp / (2 * tp + fp + fn))
 
 
-def test_a_clear_difference_is_marked():
-    label, good = labels_and(0.60, seed=1)
-    _, bad = labels_and(0.45, seed=2)
-    idx = stats.draws(N)
-    d = stats.difference_interval("acc", [good], [bad], label, idx)
-    assert d.value == pytest.approx((good == label).mean() - (bad == label).mean())
-    assert d.excludes_zero and d.low > 0.08 and d.high < 0.22
-    assert d.signed().endswith(" *")
+# ---- coverage on simulated studies with known truth ------------------------------------------------
 
 
-def test_identical_predictions_give_an_interval_of_exactly_zero():
-    label, pred = labels_and(0.5, seed=3)
-    idx = stats.draws(N)
-    d = stats.difference_interval("acc", [pred], [pred.copy()], label, idx)
-    assert (d.value, d.low, d.high) == (0.0, 0.0, 0.0) and not d.excludes_zero
-    y = np.random.default_rng(0).uniform(0, 5, N)
-    s = y + np.random.default_rng(1).normal(size=N)
-    d = stats.difference_interval("pearson", [s], [s.copy()], y, idx)
-    assert (d.low, d.high) == (0.0, 0.0)
+def simulate(metric: str, seeds: int, delta: float, studies: int = 1000, n: int = 150, boot: int = 100, seed: int = 0):
+    """`studies` simulated two-setting studies (A - B has true value `delta`): rows drawn from a
+    population, a random effect per seed, and row-by-seed noise. Returns (coverage of the truth by
+    the 95% interval, share of studies whose difference is marked)."""
+    rng = np.random.default_rng(seed)
+    gh_x, gh_w = np.polynomial.hermite_e.hermegauss(60)
+    gh_w = gh_w / gh_w.sum()
+    if metric == "acc":
+        # a row has a difficulty r shared by every model; model (setting, seed) is right on it when
+        # r + noise < c + u_seed: accuracy Phi((c + u) / sqrt(2)) on the population of rows
+        def mean_acc(c: float) -> float:
+            return float((norm.cdf((c + 0.07 * gh_x) / np.sqrt(2)) * gh_w).sum())
+
+        c_a = norm.ppf(0.6) * np.sqrt(2)
+        c_b = brentq(lambda c: mean_acc(c) - (mean_acc(c_a) - delta), c_a - 3, c_a + 3)
+        r = rng.normal(size=(studies, 1, n))
+        pa = (r + rng.normal(size=(studies, seeds, n)) < c_a + 0.07 * rng.normal(size=(studies, seeds, 1))) * 1.0
+        pb = (r + rng.normal(size=(studies, seeds, n)) < c_b + 0.07 * rng.normal(size=(studies, seeds, 1))) * 1.0
+        label = np.ones((studies, n))  # "right" is the label: accuracy is the share of rows a model gets right
+    else:
+        # pred = y + row noise b (shared) + seed noise of sd s_seed: Pearson 1 / sqrt(1 + 0.25 + s^2)
+        def mean_rho(base: float) -> float:
+            return float((gh_w / np.sqrt(1.25 + (base * np.exp(0.1 * gh_x)) ** 2)).sum())
+
+        b_base = brentq(lambda x: mean_rho(x) - (mean_rho(0.6) - delta), 0.01, 5)
+        label = rng.normal(size=(studies, n))
+        shared = label[:, None] + 0.5 * rng.normal(size=(studies, 1, n))
+        sd_a = 0.6 * np.exp(0.1 * rng.normal(size=(studies, seeds, 1)))
+        sd_b = b_base * np.exp(0.1 * rng.normal(size=(studies, seeds, 1)))
+        pa = shared + sd_a * rng.normal(size=(studies, seeds, n))
+        pb = shared + sd_b * rng.normal(size=(studies, seeds, n))
+    idx = stats.draws(n, boot, seed=seed + 1)
+    covered = marked = 0
+    for k in range(0, studies, 100):  # 100 studies at a time: (100, seeds, boot, n) arrays
+        point_a, reps_a = stats.seed_scores(metric, pa[k : k + 100], label[k : k + 100], idx)
+        point_b, reps_b = stats.seed_scores(metric, pb[k : k + 100], label[k : k + 100], idx)
+        _, _, _, low, high = stats.t_interval(point_a - point_b, reps_a - reps_b)
+        covered += int(((low <= delta) & (delta <= high)).sum())
+        marked += int(((low > 0) | (high < 0)).sum())
+    return covered / studies, marked / studies
 
 
-def test_a_coin_flip_difference_is_not_marked():
-    rng = np.random.default_rng(4)
-    label = rng.integers(0, 2, N)
-    a, b = rng.integers(0, 2, N), rng.integers(0, 2, N)  # two 50/50 guessers
-    d = stats.difference_interval("acc", [a], [b], label, stats.draws(N))
-    assert not d.excludes_zero and d.low < 0 < d.high
+@pytest.mark.parametrize("metric", ["acc", "pearson"])
+@pytest.mark.parametrize("seeds", [3, 5])
+def test_intervals_cover_the_truth_95_percent_of_the_time(metric, seeds):
+    covered, marked = simulate(metric, seeds, delta=0.0)
+    assert 0.93 <= covered <= 0.97 and marked <= 0.055, (covered, marked)
+    covered, _ = simulate(metric, seeds, delta=0.02, seed=1)
+    assert 0.93 <= covered <= 0.97, covered
 
 
-def test_seeds_widen_the_interval():
-    label, p1 = labels_and(0.55, seed=5)
-    _, p2 = labels_and(0.45, seed=6)  # a second seed of the same setting, much worse
-    idx = stats.draws(N)
-    one = stats.score_interval("acc", [p1], label, idx)
-    two = stats.score_interval("acc", [p1, p2], label, idx)
-    assert two.value == pytest.approx(((p1 == label).mean() + (p2 == label).mean()) / 2)
-    assert (two.high - two.low) > 2 * (one.high - one.low)
+# ---- pairing, exact zeros, rows ---------------------------------------------------------------------
 
 
-def iv(low: float, high: float) -> Interval:
-    return Interval((low + high) / 2, low, high)
-
-
-@pytest.mark.parametrize(
-    "intervals,expect,want",
-    [
-        ([iv(0.01, 0.05), iv(0.002, 0.03)], "+", REPRODUCED),
-        ([iv(0.01, 0.05), iv(-0.01, 0.03)], "+", UNRESOLVED),
-        ([iv(0.01, 0.05), iv(-0.04, -0.01)], "+", CONTRADICTED),
-        ([iv(0.01, 0.05), None], "+", UNRESOLVED),
-        ([iv(-0.05, -0.01)], "-", REPRODUCED),
-        ([iv(0.01, 0.05)], "-", CONTRADICTED),
-        ([iv(-0.008, 0.006), iv(-0.002, 0.009)], "0", REPRODUCED),
-        ([iv(-0.008, 0.006), iv(-0.002, 0.02)], "0", UNRESOLVED),
-        ([iv(0.012, 0.03)], "0", CONTRADICTED),
-        ([], "+", UNRESOLVED),
-    ],
-)
-def test_verdicts(intervals, expect, want):
-    assert verdict(intervals, expect) == want
-
-
-def test_combined_verdicts():
-    assert combine([REPRODUCED, REPRODUCED]) == REPRODUCED
-    assert combine([REPRODUCED, UNRESOLVED]) == UNRESOLVED
-    assert combine([UNRESOLVED, CONTRADICTED]) == CONTRADICTED
-
-
-def fake_run(root, study, overrides, seed, scores, dev_avg=0.5):
-    """A complete run folder: results.json and dev predictions drawn to hit `scores` (task -> acc-like)."""
-    d = root / study / (",".join(overrides) + f",seed={seed}")
+def write_run(root, study, overrides, seed, preds, ids=None):
+    """A complete run folder: results.json and dev predictions (task -> (pred, label) arrays)."""
+    d = root / study / ",".join([*overrides, f"seed={seed}"])
     (d / "predictions").mkdir(parents=True)
-    rng = np.random.default_rng(hash((study, *overrides, seed)) % 2**32)
-    for task, (quality, n) in scores.items():
-        rows = ["id\tprediction\tlabel"]
-        for i in range(n):
-            if task == "stsb":
-                y = (i * 37 % 100) / 20
-                rows.append(f"r{i}\t{y + rng.normal(scale=quality):.6f}\t{y:.6f}")
-            else:
-                y = i % (5 if task == "sst5" else 2)
-                p = y if rng.random() < quality else (y + 1) % (5 if task == "sst5" else 2)
-                rows.append(f"r{i}\t{p}\t{y}")
+    for task, (pred, label) in preds.items():
+        row_ids = ids if ids is not None else [f"r{i}" for i in range(len(label))]
+        rows = ["id\tprediction\tlabel"] + [f"{i}\t{p:g}\t{y:g}" for i, p, y in zip(row_ids, pred, label)]
         (d / "predictions" / f"{task}-dev.tsv").write_text("\n".join(rows) + "\n")
-    best = {"epoch": 1, "dev_avg": dev_avg, "train_avg": dev_avg, "dev": {}, "train": {}}
-    res = {
-        "status": "complete",
-        "study": study,
-        "overrides": [*overrides, f"seed={seed}"],
-        "seed": seed,
-        "best": best,
-        "history": [best],
-        "adapter": {"name": overrides[0].split("=")[1]},
-    }
+    best = {"epoch": 1, "dev_avg": 0.5, "dev": {}, "train": {}}
+    res = {"status": "complete", "study": study, "overrides": [*overrides, f"seed={seed}"], "seed": seed}
+    res.update(best=best, history=[best], adapter={"name": overrides[0].split("=")[1]}, path=str(d))
     (d / "results.json").write_text(json.dumps(res))
+    return res
 
 
-def test_report_has_intervals_and_checked_findings(tmp_path):
-    n = 600
-    # full clearly best on SST-5 and QQP, prefix clearly best on STS-B (noise 0.3 against 1.5)
-    quality = {
-        "full": {"sst5": (0.7, n), "qqp": (0.9, n), "stsb": (1.5, n)},
-        "lora": {"sst5": (0.5, n), "qqp": (0.7, n), "stsb": (1.5, n)},
-        "prefix": {"sst5": (0.5, n), "qqp": (0.7, n), "stsb": (0.3, n)},
+def task_preds(quality: float, seed: int, n: int = 400) -> dict:
+    """sst5, qqp and stsb predictions of about `quality` on fixed labels."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for task, k in (("sst5", 5), ("qqp", 2)):
+        label = np.arange(n) % k
+        out[task] = (np.where(rng.random(n) < quality, label, (label + 1) % k), label)
+    y = (np.arange(n) * 37 % 100) / 20
+    out["stsb"] = (y + rng.normal(scale=2 * (1 - quality), size=n), y)
+    return out
+
+
+def test_identical_settings_give_an_interval_of_exactly_zero(tmp_path):
+    a = [write_run(tmp_path, "main", ["adapter=lora"], s, task_preds(0.6, s)) for s in (1, 2, 3)]
+    b = [write_run(tmp_path, "main", ["adapter=full"], s, task_preds(0.6, s)) for s in (1, 2, 3)]
+    comp = StudyComparison({("lora",): a, ("full",): b})
+    for task in (*comp.tasks, None):
+        d = comp.difference(("lora",), ("full",), task)
+        assert (d.value, d.low, d.high, d.n) == (0.0, 0.0, 0.0, 3) and not d.excludes_zero
+
+
+def test_seeds_are_paired_by_seed_value_not_position(tmp_path):
+    a = [write_run(tmp_path, "main", ["adapter=lora"], s, task_preds(0.6, s)) for s in (1, 2, 3)]
+    b = [write_run(tmp_path, "main", ["adapter=full"], s, task_preds(0.6, s)) for s in (1, 3)]  # seed 2 lost
+    comp = StudyComparison({("lora",): a, ("full",): b})
+    d = comp.difference(("lora",), ("full",), None)
+    assert (d.value, d.low, d.high, d.n) == (0.0, 0.0, 0.0, 2)  # seed 1 with 1, seed 3 with 3
+    assert comp.score(("lora",), None).n == 3 and comp.score(("full",), None).n == 2
+
+
+def test_a_shared_dev_subsample_is_compared_on_all_its_rows(tmp_path, data_dir, tiny_tokenizer):
+    """limit_eval draws the same dev rows for every seed of a study, so a 3-seed comparison rests on all of them."""
+    from peft_lightning.data import MultiTaskDataModule
+
+    ids = {}
+    for seed in (1, 2, 3):
+        dm = MultiTaskDataModule(data_dir, tiny_tokenizer, cache_dir=tmp_path / "cache", limit_eval=10, seed=seed)
+        dm.setup()
+        ids[seed] = {t: dm.split(t, "dev").ids for t in dm.task_names}
+    assert ids[1] == ids[2] == ids[3] and all(len(v) == 10 for v in ids[1].values())
+    runs = {
+        (name,): [
+            write_run(tmp_path / "runs", "main", [f"adapter={name}"], s, task_preds(q, s, 10), ids=ids[s]["sst5"])
+            for s in (1, 2, 3)
+        ]
+        for name, q in (("lora", 0.6), ("full", 0.7))
     }
+    comp = StudyComparison(runs)
+    assert [comp.rows(t) for t in comp.tasks] == [10, 10, 10]
+    assert comp.difference(("lora",), ("full",), None).rows == 30
+
+
+# ---- verdicts -------------------------------------------------------------------------------------
+
+
+def interval_of(a: dict, b: dict, task: str = "sst5") -> Interval:
+    """A - B on `task`'s accuracy, from per-seed predictions (seed -> (pred, label))."""
+    label = next(iter(a.values()))[task][1]
+    idx = stats.draws(len(label), 400)
+    metric = "pearson" if task == "stsb" else "acc"
+    sa = Scores.of(metric, {s: p[task][0] for s, p in a.items()}, label, idx)
+    sb = Scores.of(metric, {s: p[task][0] for s, p in b.items()}, label, idx)
+    return (sa - sb).interval()
+
+
+def setting(quality: float, offset: int, n: int = 4000) -> dict:
+    return {s: task_preds(quality, 100 * offset + s, n) for s in (1, 2, 3)}
+
+
+def test_each_of_the_four_verdicts_on_synthetic_predictions():
+    good, bad, same = setting(0.70, 1), setting(0.55, 2), setting(0.70, 3)
+    clear, reverse = interval_of(good, bad), interval_of(bad, good)
+    tied = interval_of(same, good)
+    assert clear.low > 0.1 and reverse.high < -0.1 and abs(tied.value) < 0.02
+    assert verdict([Comparison("good - bad", clear, "+")]) == REPRODUCED
+    assert verdict([Comparison("good - bad", clear, "+"), Comparison("bad - good", reverse, "+")]) == CONTRADICTED
+    assert verdict([Comparison("same - good", tied, "+")], margin=0.03) == EQUIVALENT
+    assert verdict([Comparison("same - good", tied, "0")], margin=0.03) == REPRODUCED  # "barely matters"
+    assert verdict([Comparison("good - bad", clear, "0")], margin=0.03) == CONTRADICTED
+    middling = interval_of(setting(0.62, 4, n=300), setting(0.60, 5, n=300))  # a small difference on few rows
+    assert verdict([Comparison("near - other", middling, "+")], margin=0.01) == UNRESOLVED
+    assert verdict([Comparison("missing", None, "+")]) == UNRESOLVED
+
+
+def test_holm_adjusts_a_claims_comparisons():
+    # each comparison alone is significant one-sided at 0.025 (p = 0.02), not both under Holm
+    p02 = Interval(0.0205, 0.0, 0.041, se=0.0205 / norm.isf(0.02), df=np.inf, n=3)
+    assert p02.p_above(0) == pytest.approx(0.02)
+    assert verdict([Comparison("a", p02, "+")]) == REPRODUCED
+    assert verdict([Comparison("a", p02, "+"), Comparison("b", p02, "+")]) == UNRESOLVED
+    # and a contradiction must survive the same adjustment
+    m02 = Interval(-0.0205, -0.041, 0.0, se=0.0205 / norm.isf(0.02), df=np.inf, n=3)
+    strong = Interval(0.2, 0.15, 0.25, se=0.025, df=np.inf, n=3)
+    assert verdict([Comparison("m", m02, "+")]) == CONTRADICTED
+    assert verdict([Comparison("s", strong, "+"), Comparison("m", m02, "+")]) == UNRESOLVED  # 0.02 > 0.025 / 2
+
+
+# ---- in a report ------------------------------------------------------------------------------------
+
+
+def test_report_has_intervals_checked_findings_and_prefix_mlp_as_hydra_names_it(tmp_path):
+    n = 1500
+    quality = {"full": 0.75, "lora": 0.6, "prefix": 0.6}
     for name, q in quality.items():
-        fake_run(tmp_path, "main", [f"adapter={name}"], 42, q)
+        for s in (1, 2, 3):
+            preds = task_preds(q, 10 * hash(name) % 1000 + s, n)
+            if name == "prefix":  # prefix clearly best on STS-B
+                y = preds["stsb"][1]
+                preds["stsb"] = (y + np.random.default_rng(s).normal(scale=0.1, size=n), y)
+            write_run(tmp_path, "main", [f"adapter={name}"], s, preds)
+    # prefix_mlp as Hydra names a boolean sweep: adapter.mlp=True / adapter.mlp=False
+    for mlp, q in (("True", 0.75), ("False", 0.6)):
+        for length in (2, 4):
+            for s in (1, 2, 3):
+                write_run(
+                    tmp_path,
+                    "prefix_mlp",
+                    ["adapter=prefix", f"adapter.length={length}", f"adapter.mlp={mlp}"],
+                    s,
+                    task_preds(q, s + length, n),
+                )
     text = build_report(tmp_path).read_text()
     head = text[: text.index("## Main comparison")]
-    assert "| full fine-tuning is best on SST-5 | main | reproduced |" in head
-    assert "| full fine-tuning is best on QQP | main | reproduced |" in head
-    assert "| prefix tuning is best on STS-B | main | reproduced |" in head
-    assert "| LoRA overfits less than full fine-tuning (train - dev gap) | epochs | unresolved |" in head
+    assert (
+        "| full fine-tuning is best on SST-5: every other strategy significantly below it | main | reproduced |" in head
+    )
+    assert "| prefix tuning is best on STS-B: every other strategy significantly below it | main | reproduced |" in head
+    assert (
+        "| the MLP reparameterisation helps prefix tuning: dev avg significantly higher at every length | prefix_mlp | reproduced |"
+        in head
+    )
+    assert "P=2 MLP - none: +" in head and "P=4 MLP - none: +" in head
+    assert "Holm" in head and "±0.01" in head
     table = text[text.index("## Main comparison") :]
     assert "Δ sst5 acc vs adapter=full" in table and "dev avg 95% CI" in table
     lora_row = next(line for line in table.splitlines() if line.startswith("| lora |"))
-    full_row = next(line for line in table.splitlines() if line.startswith("| full |"))
-    assert "reference" in full_row and lora_row.count(" *") >= 2  # SST-5 and QQP worse than full, marked
+    assert lora_row.count(" *") >= 2 and "n=3" in lora_row
+    assert "Dev rows the intervals rest on: sst5 1,500, qqp 1,500, stsb 1,500." in table
+    assert "Protocol: best epoch chosen on dev, the rows reported" in table
+    mlp = text[text.index("## Prefix tuning with and without") :]
+    true_row = next(line for line in mlp.splitlines() if line.startswith("| 2 | true |"))
+    assert true_row.count(" *") == 4 and "| 2 | false |" in mlp  # every difference to the MLP-less row, marked

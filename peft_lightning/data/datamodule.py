@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from peft_lightning.checks import real, whole
 from peft_lightning.data.encoded import EncodedSplit, collate, encode_split, tokenizer_fingerprint
 from peft_lightning.data.readers import detect_layout, read_split
 from peft_lightning.data.schedules import Key, ScheduleSampler
+from peft_lightning.data.selection import sample, selection_size, split_off
 from peft_lightning.tasks import SPLITS, get_tasks
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class EvalDataset(Dataset):
     def __init__(
         self, split: EncodedSplit, batch_size: int, pad_id: int, multiple: int = 1, rank: int = 0, replicas: int = 1
     ):
+        # each batch says which split it is of (`split`: dev, select, train_eval, test, ...)
         if len(split) < replicas:
             raise ValueError(
                 f"{split.task} {split.split}: {len(split)} row(s) for {replicas} DDP processes; "
@@ -60,7 +63,9 @@ class EvalDataset(Dataset):
         return len(self.batches)
 
     def __getitem__(self, i: int) -> dict[str, dict]:
-        return {self.split.task: collate(self.split, self.batches[i], self.pad_id, self.multiple)}
+        batch = collate(self.split, self.batches[i], self.pad_id, self.multiple)
+        batch["split"] = self.split.split
+        return {self.split.task: batch}
 
 
 class MultiTaskDataModule(L.LightningDataModule):
@@ -77,9 +82,16 @@ class MultiTaskDataModule(L.LightningDataModule):
         schedule: `joint`, `round_robin`, `proportional` or `temperature` (see `schedules`).
         temperature: T for the `temperature` schedule.
         limit_train: if set, a seeded subsample of at most this many rows per training set.
-        limit_eval: if set, a seeded subsample of at most this many rows per dev set (dev
-            metrics and dev predictions then cover that subsample; test is never subsampled).
-        seed: seed for subsampling and batch order.
+        limit_eval: if set, a subsample of at most this many rows per dev set, drawn with
+            `eval_seed` (the same rows for every seed of a study; dev metrics and dev predictions
+            then cover that subsample; test is never subsampled).
+        selection: rows (int) or fraction (float) of each training set held out as the selection
+            split (see `selection`), which picks the best epoch; 0: none.
+        select_on: `selection` (the best epoch by the selection split; dev is only reported) or
+            `dev` (the study's protocol: by dev, and no selection split).
+        train_eval: training rows (a sample of those trained on) evaluated like dev every epoch.
+        eval_seed: seed of the selection split, the train_eval sample and the dev subsample.
+        seed: seed for the training subsample and batch order.
         cache_dir: token cache folder; default `$PEFT_CACHE_DIR` or `~/.cache/peft_lightning`.
         num_workers: DataLoader workers.
         on_bad_row: `raise` or `skip` (see `readers.read_split`).
@@ -102,6 +114,10 @@ class MultiTaskDataModule(L.LightningDataModule):
         temperature: float = 2.0,
         limit_train: int | None = None,
         limit_eval: int | None = None,
+        selection: int | float = 500,
+        select_on: str = "selection",
+        train_eval: int = 500,
+        eval_seed: int = 0,
         seed: int = 0,
         cache_dir: str | Path | None = None,
         num_workers: int = 0,
@@ -129,6 +145,16 @@ class MultiTaskDataModule(L.LightningDataModule):
             None if n is None else whole(f"data.{name}", n, 1)
             for name, n in (("limit_train", limit_train), ("limit_eval", limit_eval))
         )
+        if select_on not in ("selection", "dev"):
+            raise ValueError(f"data.select_on={select_on!r} is unknown; expected selection or dev")
+        selection_size(selection, 0)  # checks the option
+        if select_on == "selection" and not selection:
+            raise ValueError(
+                "data.select_on=selection needs a selection split: data.selection > 0 (or data.select_on=dev)"
+            )
+        self.selection, self.select_on = selection, select_on
+        self.train_eval = whole("data.train_eval", train_eval, 0)
+        self.eval_seed = whole("data.eval_seed", eval_seed, 0)
         self.seed, self.num_workers = seed, whole("data.num_workers", num_workers, 0)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         self.on_bad_row = on_bad_row
@@ -159,11 +185,20 @@ class MultiTaskDataModule(L.LightningDataModule):
                 enc = encode_split(
                     raw, self.tokenizer, self.max_length, self.pair_encoding, self.cache_dir, self.tokenizer_id
                 )
-                limit = {"train": self.limit_train, "dev": self.limit_eval}.get(split)
-                if limit is not None and len(enc) > limit:
-                    g = torch.Generator().manual_seed(self.seed + (split == "dev"))
-                    enc = enc.subset(torch.randperm(len(enc), generator=g)[:limit].sort().values)
+                if split == "train" and self.select_on == "selection":  # held out before anything trains
+                    size = selection_size(self.selection, len(enc))
+                    keep, held = split_off(enc.labels, size, self.eval_seed, task.is_regression)
+                    self.splits[(task.name, "select")] = dataclasses.replace(enc.subset(held), split="select")
+                    enc = enc.subset(keep)
+                if split == "train" and self.limit_train is not None and len(enc) > self.limit_train:
+                    g = torch.Generator().manual_seed(self.seed)
+                    enc = enc.subset(torch.randperm(len(enc), generator=g)[: self.limit_train].sort().values)
+                if split == "dev" and self.limit_eval is not None:
+                    enc = enc.subset(sample(len(enc), self.limit_eval, self.eval_seed))
                 self.splits[(task.name, split)] = enc
+                if split == "train" and self.train_eval:
+                    rows = sample(len(enc), self.train_eval, self.eval_seed + 1)
+                    self.splits[(task.name, "train_eval")] = dataclasses.replace(enc.subset(rows), split="train_eval")
         train = {t: self.splits[(t, "train")] for t in self.task_names}
         self.sampler = ScheduleSampler(
             {t: len(s) for t, s in train.items()},
@@ -204,12 +239,34 @@ class MultiTaskDataModule(L.LightningDataModule):
         # so dropout masks do not depend on when Lightning builds iterators (fresh run vs resume).
         return torch.Generator().manual_seed(self.seed)
 
+    def val_targets(self) -> list[tuple[str, str]]:
+        """(task, split) of each validation dataloader: dev, then the selection split and the
+        train_eval sample where there are ones."""
+        return [(t, s) for s in ("dev", "select", "train_eval") for t in self.task_names if (t, s) in self.splits]
+
+    def selection_record(self) -> dict:
+        """What results.json says of how this run chose its best epoch."""
+        rows = {t: len(self.splits[(t, "select")]) for t in self.task_names if (t, "select") in self.splits}
+        if self.select_on == "dev":
+            return {
+                "on": "dev",
+                "rule": "best epoch by dev avg (the study's protocol: selection reads the reported rows)",
+            }
+        return {
+            "on": "select",
+            "rows": rows,
+            "size": self.selection,
+            "seed": self.eval_seed,
+            "rule": "best epoch by the mean main metric on the selection split, held out of training "
+            "(stratified); dev is only scored",
+        }
+
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_dataloader(t, "dev") for t in self.task_names]
+        return [self.eval_dataloader(t, s) for t, s in self.val_targets()]
 
     def predict_targets(self, splits: tuple[str, ...] = ("dev", "test")) -> list[tuple[str, str]]:
         """(task, split) pairs that predictions are written for, in dataloader order."""
-        return [(t, s) for s in splits for t in self.task_names]
+        return [(t, s) for s in splits for t in self.task_names if (t, s) in self.splits]
 
     def predict_dataloader(self, splits: tuple[str, ...] = ("dev", "test")) -> list[DataLoader]:
         return [self.eval_dataloader(t, s) for t, s in self.predict_targets(splits)]
