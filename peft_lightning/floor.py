@@ -103,7 +103,7 @@ def write_floor(data_dir: str | Path, root: str | Path) -> Path:
         "history": [best],
         "best": best,
         "predictions": written,
-        "data_dir": str(data_dir.resolve()),
+        "data_dir": str(data_dir),
         "wall_time_s": round(time.perf_counter() - t0, 1),
     }
     atomic_write_text(run_dir / "results.json", json.dumps(result, indent=2) + "\n")

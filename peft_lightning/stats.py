@@ -177,7 +177,7 @@ def _df_of(q: np.ndarray, level: float = LEVEL) -> np.ndarray:
     q = np.atleast_1d(np.asarray(q, dtype=float))
     out = np.full(q.shape, np.inf)
     for i, x in enumerate(q.flat):
-        if x > sp.norm.ppf(0.5 + level / 2):
+        if x > sp.t.ppf(0.5 + level / 2, 1e9):  # above the normal quantile (else: the normal's df)
             out.flat[i] = brentq(lambda nu, x=x: sp.t.ppf(0.5 + level / 2, nu) - x, 0.05, 1e9)
     return out
 
