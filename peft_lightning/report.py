@@ -104,7 +104,8 @@ def plot_epochs(path: Path, runs: list[dict]) -> bool:
     for i, r in enumerate(done):
         name = (r.get("adapter") or {}).get("name", r["dir"])
         ep = [h["epoch"] for h in r["history"]]
-        ax.plot(ep, [h.get("train_avg") for h in r["history"]], linestyle="--", color=f"C{i}", label=f"{name} train")
+        train = [h.get("train_eval_avg", h.get("train_avg")) for h in r["history"]]  # eval mode where measured
+        ax.plot(ep, train, linestyle="--", color=f"C{i}", label=f"{name} train")
         ax.plot(ep, [h.get("dev_avg") for h in r["history"]], marker="o", color=f"C{i}", label=f"{name} dev")
     return save_figure(plt, fig, ax, path, "epoch", "avg of SST-5 acc, QQP acc, STS-B Pearson")
 

@@ -40,11 +40,11 @@ def study_table(
         cells, nums = list(key), []
         for p in parts:
             for t, m in METRICS:
-                vals = [score(r["best"], p, t, m) for r in ok]
+                vals = [score(r["best"], part(r["best"], p), t, m) for r in ok]
                 cells.append(fmt(vals))
                 nums.append(mean(vals))
         for p in parts:
-            vals = [r["best"].get(f"{p}_avg") for r in ok]
+            vals = [r["best"].get(f"{part(r['best'], p)}_avg") for r in ok]
             cells.append(fmt(vals))
             nums.append(mean(vals))
         if extra:
@@ -63,6 +63,12 @@ def study_table(
         rows.append(cells)
         numbers.append(nums)
     return header, rows, numbers
+
+
+def part(entry: dict, name: str) -> str:
+    """Where an epoch's `train` scores are read from: the train_eval sample scored like dev (eval mode,
+    the weights of that epoch) where the run has it, else the metrics averaged during training."""
+    return "train_eval" if name == "train" and entry.get("train_eval") else name
 
 
 def _sort_key(value: str) -> tuple[int, float, str]:
@@ -116,8 +122,8 @@ def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
                 )
                 continue
             cells = [name, str(mark)]
-            cells += [fmt([score(h, p, t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
-            cells += [fmt([h.get("train_avg")]), fmt([h.get("dev_avg")]), "ok"]
+            cells += [fmt([score(h, part(h, p), t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
+            cells += [fmt([h.get(f"{part(h, 'train')}_avg")]), fmt([h.get("dev_avg")]), "ok"]
             rows.append(cells)
     return header, rows
 

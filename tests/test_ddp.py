@@ -134,6 +134,7 @@ def test_ddp_kill_9_in_epoch_2_then_rerun_resumes(tiny_model_dir, tmp_path):
         f"data.dir={data}",
         f"data.cache_dir={tmp_path / 'cache'}",
         "data.max_length=64",
+        "data.select_on=dev",  # every training row trains: the step count below is the schedule's
         "trainer.max_epochs=3",
         *DDP,
         f"hydra.run.dir={out}",

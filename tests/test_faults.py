@@ -334,7 +334,8 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     assert reference.returncode == 0, reference.stderr[-3000:]
     run = root / "ref" / "run"
     expected = _whole_files(run)
-    assert set(expected) == {f"{t}-{s}.tsv" for t in ("sst5", "qqp", "stsb") for s in ("dev", "test")}
+    splits = ("dev", "select", "train_eval", "test")  # the selection split and train_eval sample are written like dev
+    assert set(expected) == {f"{t}-{s}.tsv" for t in ("sst5", "qqp", "stsb") for s in splits}
     return data, json.loads((run / "results.json").read_text()), expected
 
 

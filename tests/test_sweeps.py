@@ -193,8 +193,10 @@ def test_reproduce_reports_from_where_hydra_sweep_dir_put_the_runs(tiny_model_di
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    runs = results(moved)
+    runs = {k: r for k, r in results(moved).items() if r["study"] != "floor"}
     assert len(runs) == 4 and all(r["status"] == "complete" for r in runs.values())  # lengths 1, 2, 4, 8
+    floor = json.loads((moved / "floor" / "bow" / "results.json").read_text())  # fitted on data.dir for the report
+    assert floor["status"] == "complete" and set(floor["best"]["dev"]) == {"sst5", "qqp", "stsb"}
     assert f"report: {moved / 'report' / 'report.md'}" in proc.stdout
     text = (moved / "report" / "report.md").read_text()
     assert "Prefix length" in text and not (tmp_path / "multirun").exists()
@@ -225,7 +227,7 @@ def test_tune_searches_each_strategys_lr_then_retrains_the_best_over_seeds(tiny_
     chosen = json.loads((tmp_path / "multirun" / "tuned" / "tuned_lr.json").read_text())["strategies"]
     for name, role in (("frozen", "head_lr"), ("lora", "adapter_lr")):
         grid = {
-            r["config"]["optim"]["tuned_lr"]: r["best"]["dev_avg"]
+            r["config"]["optim"]["tuned_lr"]: r["best"]["select_avg"]  # chosen on the selection split, not dev
             for r in search.values()
             if r["adapter"]["name"] == name
         }
