@@ -71,6 +71,7 @@ def test_minilm_on_real_data_writes_every_prediction(tmp_path):
             "adapter=lora",
             "data.limit_train=24",
             "data.limit_eval=48",
+            "data.selection=48",  # a small selection split: this test is about the prediction files
             "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false",
             "data.max_length=48",
