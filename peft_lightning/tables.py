@@ -122,7 +122,9 @@ def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
                 )
                 continue
             cells = [name, str(mark)]
-            cells += [fmt([score(h, part(h, p), t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
+            cells += [
+                fmt([score(h, part(h, p), t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"
+            ]
             cells += [fmt([h.get(f"{part(h, 'train')}_avg")]), fmt([h.get("dev_avg")]), "ok"]
             rows.append(cells)
     return header, rows

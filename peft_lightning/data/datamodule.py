@@ -10,7 +10,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 from peft_lightning.checks import real, whole
 from peft_lightning.data.encoded import EncodedSplit, collate, encode_split, tokenizer_fingerprint
@@ -262,7 +262,22 @@ class MultiTaskDataModule(L.LightningDataModule):
         }
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.eval_dataloader(t, s) for t, s in self.val_targets()]
+        """One loader per task over its dev rows, then its selection split and train_eval sample (each
+        batch says its split): a loader each would triple Lightning's per-loader cost every epoch."""
+        loaders = []
+        for task in self.task_names:
+            parts = [
+                EvalDataset(self.splits[(t, s)], self.eval_batch_size, self.pad_id, self.multiple, *self.shard())
+                for t, s in self.val_targets()
+                if t == task
+            ]
+            data = ConcatDataset(parts) if len(parts) > 1 else parts[0]
+            loaders.append(
+                DataLoader(
+                    data, batch_size=None, shuffle=False, num_workers=self.num_workers, generator=self._generator()
+                )
+            )
+        return loaders
 
     def predict_targets(self, splits: tuple[str, ...] = ("dev", "test")) -> list[tuple[str, str]]:
         """(task, split) pairs that predictions are written for, in dataloader order."""
