@@ -28,8 +28,9 @@ RESULTS = "results.json"
 
 
 def checkpoint_step(path: str | Path) -> int:
-    """The global step a Lightning checkpoint was saved at (memory-mapped: a big checkpoint is not read)."""
-    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("global_step", 0))
+    """The global step a Lightning checkpoint was saved at (memory-mapped: a big checkpoint is not read;
+    tensors and plain data only: loading a checkpoint never runs code)."""
+    return int(torch.load(path, map_location="cpu", mmap=True, weights_only=True).get("global_step", 0))
 
 
 def _row_step(row: dict) -> float:

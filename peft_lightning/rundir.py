@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import pickle
 import tempfile
 from pathlib import Path
 
@@ -112,8 +113,15 @@ def read_checkpoint_meta(path: str | Path) -> dict:
     """A checkpoint's top-level entries (tensors memory-mapped, not read), or a RunDirError naming
     the file and the way out when it is truncated, corrupt or not ours."""
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        # tensors and plain data only: a shared or downloaded run folder must never run code on load
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
     except Exception as err:
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise RunDirError(
+                f"{path}: refused: it holds objects other than tensors and plain data (loading it would run "
+                "code, or needs classes this project never saves). peft-lightning writes no such checkpoint; "
+                "do not load it. ckpt_path=null starts the run over"
+            ) from None
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise RunDirError(
             f"{path}: cannot be read as a checkpoint, it is truncated or corrupt ({first}). "

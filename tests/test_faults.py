@@ -359,3 +359,62 @@ def test_kill_9_mid_write_then_rerun_completes_with_whole_files(kill, uninterrup
     res = json.loads((run / "results.json").read_text())
     assert res["status"] == "complete" and [h["dev"] for h in res["history"]] == [h["dev"] for h in ref["history"]]
     assert _whole_files(run) == expected
+
+
+class _Touch:
+    """Unpickling this creates a file: what a malicious checkpoint's payload would do instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return (Path.touch, (self.path,))
+
+
+@pytest.mark.parametrize("where", ["load_run", "peft-predict", "peft-export", "resume"])
+def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(
+    finished_run, where, monkeypatch, capfd, tmp_path
+):
+    args, run = finished_run
+    marker = tmp_path / "pwned"
+    which = "last" if where == "resume" else "best"
+    ckpt = torch.load(run / "checkpoints" / f"{which}.ckpt", weights_only=True)
+    ckpt["peft_lightning"]["payload"] = _Touch(marker)
+    torch.save(ckpt, run / "checkpoints" / f"{which}.ckpt")
+    results_before = (run / "results.json").read_bytes()
+    if where == "load_run":
+        from peft_lightning import load_run
+        from peft_lightning.rundir import RunDirError
+
+        with pytest.raises(RunDirError, match=r"best\.ckpt: refused: it holds objects other than tensors"):
+            load_run(run)
+    elif where == "peft-predict":
+        from peft_lightning.predict import main as predict
+
+        out = tmp_path / "p.tsv"
+        assert (
+            predict(
+                [
+                    str(run),
+                    "--task",
+                    "sst5",
+                    "--input",
+                    str(run.parent / "data" / "sst5" / "dev.tsv"),
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 2
+        )
+        assert "best.ckpt: refused: it holds objects other than tensors" in capfd.readouterr().err and not out.exists()
+    elif where == "peft-export":
+        from peft_lightning.export import main as export
+
+        assert export([str(run), "--out", str(tmp_path / "export"), "--merged"]) == 2
+        assert "best.ckpt: refused: it holds objects other than tensors" in capfd.readouterr().err
+    else:
+        assert run_main(args, monkeypatch) == 2
+        said = capfd.readouterr()
+        assert "last.ckpt: refused: it holds objects other than tensors" in said.out + said.err
+        assert (run / "results.json").read_bytes() == results_before  # the interrupted run's record kept
+    assert not marker.exists()  # the payload never ran
