@@ -11,6 +11,7 @@ rank, lora_targets against all linear layers, sts_head against the MLP head.
 from __future__ import annotations
 
 import csv
+import functools
 import zlib
 from pathlib import Path
 
@@ -43,14 +44,23 @@ def dev_predictions(
     out = {}
     for task in TASK_NAMES:
         path = root / f"{task}-{split}.tsv"
-        if not path.is_file():
-            continue
-        with path.open(newline="") as f:
-            rows = list(csv.reader(f, delimiter="\t"))
-        if not rows or rows[0][:3] != ["id", "prediction", "label"]:
-            continue  # written before dev files carried their labels
-        out[task] = {r[0]: (float(r[1]), float(r[2])) for r in rows[1:]}
+        if path.is_file():
+            stat = path.stat()
+            rows = _read_labelled(str(path), stat.st_mtime_ns, stat.st_size)
+            if rows is not None:
+                out[task] = rows
     return out or None
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_labelled(path: str, mtime_ns: int, size: int) -> dict[str, tuple[float, float]] | None:
+    """{id: (prediction, label)} of a prediction file, read once per version of it (a report reads
+    each run's files for its table, its rows line and its findings)."""
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if not rows or rows[0][:3] != ["id", "prediction", "label"]:
+        return None  # written before dev files carried their labels
+    return {r[0]: (float(r[1]), float(r[2])) for r in rows[1:]}
 
 
 def run_seed(run: dict):

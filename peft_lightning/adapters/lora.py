@@ -69,7 +69,7 @@ class LoRA(LowRankAdapter):
             false gives the same results (to bf16 rounding) with 8 GEMMs a layer instead of 6 (or 7).
         concat: compute a layer as [x | x A^T] [W | s B]^T (and its input gradient as [g | g B] [W; A]):
             the rank-r update goes into the frozen GEMM instead of a GEMM of its own. Under
-            torch.compile every layer (`ops._ConcatLowRankLinear`); eager in the arena, the wider side
+            torch.compile every layer (`fastpath.kernels._ConcatLowRankLinear`); eager in the arena, the wider side
             of each (`arena._ArenaLinear`). Off by default until measured on a GPU.
         init_from: a PEFT LoRA adapter folder (`peft-export`'s, or PEFT's `save_pretrained`) whose
             A and B this adapter starts from; its rank, targets and scale must be this adapter's.
@@ -77,19 +77,8 @@ class LoRA(LowRankAdapter):
 
     name = "lora"
 
-    def __init__(
-        self,
-        rank: int = 8,
-        targets: list[str] | str = "all",
-        scaling: str = "fixed",
-        alpha: float = 16.0,
-        dropout: float = 0.0,
-        include_pooler: bool | str = "auto",
-        arena: bool = True,
-        concat: bool = False,
-        init_from: str | None = None,
-    ):
-        super().__init__(rank, targets, scaling, alpha, dropout, include_pooler)
+    def __init__(self, *, arena: bool = True, concat: bool = False, init_from: str | None = None, **low_rank):
+        super().__init__(**low_rank)  # rank, targets, scaling, alpha, dropout, include_pooler
         self.init_from = init_from
         self.use_arena = bool(arena)
         self.concat = bool(concat)
