@@ -156,9 +156,9 @@ class MultiTaskModule(L.LightningModule):
         train = self._compute(self.train_metrics)
         # every rank holds every prediction (DDP), on the host
         outputs = merge_ranks(gather({k: [(i.cpu(), p.cpu()) for i, p in v] for k, v in outputs.items()}))
-        record = {"epoch": self.current_epoch + 1, "step": self.global_step, "train": train, "dev": scores["dev"]}
-        record["train_avg"], record["dev_avg"] = average(train), average(scores["dev"])
-        for split in ("select", "train_eval"):  # where the data has them
+        record = {"epoch": self.current_epoch + 1, "step": self.global_step, "train": train}
+        record["train_avg"] = average(train)
+        for split in ("dev", "select", "train_eval"):  # where evaluated (dev: data.score_dev)
             if scores[split]:
                 record[split], record[f"{split}_avg"] = scores[split], average(scores[split])
         flat = {f"{STAGE[s]}/{t}/{m}": v for s in EVAL_SPLITS for t, ms in scores[s].items() for m, v in ms.items()}
@@ -174,7 +174,8 @@ class MultiTaskModule(L.LightningModule):
         many = self.trainer.world_size > 1
         flat = {k: v for k, v in flat.items() if v is not None and not math.isnan(v)}
         self.log_dict(flat, prog_bar=False, sync_dist=many)
-        self.log("val/avg", record["dev_avg"], prog_bar=True, sync_dist=many)
+        if record.get("dev_avg") is not None:
+            self.log("val/avg", record["dev_avg"], prog_bar=True, sync_dist=many)
         merged = {k: (torch.cat([i for i, _ in v]), torch.cat([p for _, p in v])) for k, v in outputs.items()}
         best = max((selection_score(h) for h in self.history if selection_score(h) is not None), default=None)
         if selection_score(record) is not None and (best is None or selection_score(record) > best):
@@ -244,6 +245,13 @@ class MultiTaskModule(L.LightningModule):
         checkpoint["state_dict"] = {"model." + k: v for k, v in checkpoint["state_dict"].items()}
         if self._trainer is None or self.trainer.state.fn == TrainerFn.FITTING:
             self.history = list(meta.get("history", []))  # resuming: continue the record
+
+
+def score_predictions(task: str, predictions: list, labels: torch.Tensor) -> dict[str, float]:
+    """A task's metrics (as validation computes them) of predictions in row order against labels."""
+    t, metrics = TASKS[task], task_metrics(task)
+    metrics.update(torch.tensor(predictions), t.target(labels))
+    return {k: float(v) for k, v in metrics.compute().items()}
 
 
 def merge_ranks(per_rank: list[dict]) -> dict[str, list]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from peft_lightning.api import load_run
 from peft_lightning.data.readers import DataError
 from peft_lightning.files import atomic_write_text
+from peft_lightning.quiet import quiet
 from peft_lightning.results import format_prediction
 from peft_lightning.tasks import TASKS
 
@@ -37,6 +38,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    quiet()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(args.input)

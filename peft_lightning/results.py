@@ -13,6 +13,7 @@ import io
 import json
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import lightning as L
@@ -123,6 +124,38 @@ def best_epoch(history: list[dict]) -> dict | None:
     return max(scored, key=selection_score) if scored else None
 
 
+class Clock:
+    """Seconds spent in each part of a run, summed over its processes (a resume adds to them).
+
+    startup: from the job's start to the start of training (backbone, data, features); train: the
+    training epochs; validation: every validation pass; checkpoint: writing checkpoints; predict:
+    the final prediction pass; write: results.json and the predictions files. `other` in
+    results.json is the wall time none of these covers.
+    """
+
+    PARTS = ("startup", "train", "validation", "checkpoint", "predict", "write")
+
+    def __init__(self, seconds: dict | None = None):
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.seconds.update({k: float(v) for k, v in (seconds or {}).items() if k in self.PARTS})
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] += seconds
+
+    @contextmanager
+    def part(self, part: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(part, time.perf_counter() - t0)
+
+    def record(self, wall: float) -> dict:
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["other"] = round(max(0.0, wall - sum(self.seconds.values())), 3)
+        return out
+
+
 class ResultsWriter(L.Callback):
     """Keeps `results.json` current: meta, params, per-epoch history, best epoch, timing, memory.
 
@@ -132,8 +165,11 @@ class ResultsWriter(L.Callback):
     run's step time, differently for each strategy.
     """
 
-    def __init__(self, run_dir: str | Path, meta: dict, warm_steps: int = 10):
+    def __init__(self, run_dir: str | Path, meta: dict, warm_steps: int = 10, t0: float | None = None):
         self.path = Path(run_dir) / RESULTS
+        self.clock = Clock()
+        self._job_t0 = time.perf_counter() if t0 is None else t0  # the job's start (perf_counter)
+        self._val_t0: float | None = None
         self.meta = dict(meta)
         self.train_s = 0.0
         self.train_steps = 0
@@ -154,12 +190,14 @@ class ResultsWriter(L.Callback):
         self._fit_t0 = time.perf_counter()
         hist = getattr(pl_module, "history", [])
         if hist:  # resumed: continue the clocks where the checkpoint left them
+            self.clock = Clock(hist[-1].get("timing"))
             self._elapsed_before = hist[-1].get("elapsed_s", 0.0)
             self.train_s = hist[-1].get("train_s", 0.0)
             self.train_steps = hist[-1].get("train_steps", 0)
             self.steady_s = hist[-1].get("steady_s", 0.0)
             self.steady_steps = hist[-1].get("steady_steps", 0)
         self._fit_step0, self._steady_t0 = trainer.global_step, None
+        self.clock.add("startup", self._fit_t0 - self._job_t0)
         self.meta["params"] = pl_module.model.param_counts()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
@@ -179,10 +217,12 @@ class ResultsWriter(L.Callback):
             self._steady_t0, self._steady_step0 = time.perf_counter(), trainer.global_step
 
     def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_t0 = time.perf_counter()
         if self._epoch_t0 is not None and not trainer.sanity_checking:
             if pl_module.device.type == "cuda":
                 torch.cuda.synchronize(pl_module.device)
             now = time.perf_counter()
+            self._val_t0 = now
             self.train_s += now - self._epoch_t0
             self.train_steps += trainer.global_step - self._epoch_step0
             self._epoch_t0 = None
@@ -192,27 +232,38 @@ class ResultsWriter(L.Callback):
                 self._steady_t0 = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
+        # checkpoint callbacks run after this one (Lightning puts them last): their writes are not in it
+        seconds = time.perf_counter() - self._val_t0 if self._val_t0 is not None else 0.0
+        self.clock.add("validation", seconds)
         if trainer.sanity_checking or not pl_module.history:
             return
         last = pl_module.history[-1]
+        self.clock.seconds["train"] = self.train_s
         last.update(
             elapsed_s=self.elapsed(),
             train_s=self.train_s,
             train_steps=self.train_steps,
             steady_s=self.steady_s,
             steady_steps=self.steady_steps,
+            eval_s=round(seconds, 3),
+            timing={k: round(v, 3) for k, v in self.clock.seconds.items()},
         )
         self.write(trainer, pl_module)
 
     def elapsed(self) -> float:
-        return self._elapsed_before + time.perf_counter() - self._fit_t0
+        return self._elapsed_before + time.perf_counter() - self._job_t0
 
     def write(self, trainer, pl_module, status: str | None = None, **extra) -> dict:
+        with self.clock.part("write"):
+            return self._write(trainer, pl_module, status, **extra)
+
+    def _write(self, trainer, pl_module, status: str | None = None, **extra) -> dict:
         if status:
             self.status = status
         self.extra.update(extra)
         history = list(getattr(pl_module, "history", []))
         best = best_epoch(history)
+        self.clock.seconds["train"] = self.train_s
         out = {
             "status": self.status,
             **self.meta,
@@ -221,6 +272,7 @@ class ResultsWriter(L.Callback):
             "steps": trainer.global_step if trainer is not None else 0,
             "wall_time_s": round(self.elapsed(), 3),
             "train_time_s": round(self.train_s, 3),
+            "timing": self.clock.record(self.elapsed()),
             "step_time_ms": round(1000 * self.train_s / self.train_steps, 3) if self.train_steps else None,
             "steady_step_ms": round(1000 * self.steady_s / self.steady_steps, 3) if self.steady_steps else None,
             "peak_memory_mb": round(peak_memory_mb(pl_module.device), 1),
@@ -282,6 +334,26 @@ def write_predictions(
     return written
 
 
+def step_line(res: dict) -> str:
+    """Steps and the time a step takes; a run too short for a steady step time says so."""
+    steps = res.get("steps", 0)
+    if res.get("steady_step_ms"):
+        return f"{steps} steps, {res['steady_step_ms']:.0f} ms a step"
+    if res.get("step_time_ms"):  # every step was a warm-up step: the mean includes start-up costs
+        return f"{steps} steps: too few for a steady step time; {res['step_time_ms']:.0f} ms a step with warm-up"
+    return f"{steps} steps"
+
+
+def time_split_line(res: dict) -> str:
+    """Where the wall time went (`timing`), as shares."""
+    timing = res.get("timing") or {}
+    wall = res.get("wall_time_s") or 0
+    parts = [(k, v) for k, v in timing.items() if isinstance(v, (int, float)) and v > 0]
+    if not parts or wall <= 0:
+        return ""
+    return "\n  time: " + ", ".join(f"{k} {v:.1f} s ({100 * v / wall:.0f}%)" for k, v in parts)
+
+
 def summary(res: dict, run_dir: str | Path) -> str:
     """The block a finished run prints (and `train.log` keeps): best epoch, dev scores per task,
     test predictions, results.json, wall time."""
@@ -302,7 +374,5 @@ def summary(res: dict, run_dir: str | Path) -> str:
     lines.append(f"  results: {run_dir / RESULTS}")
     wall = res.get("wall_time_s")
     if wall is not None:
-        lines.append(
-            f"  wall time {wall:.0f} s ({res.get('steps', 0)} steps, {res.get('steady_step_ms') or 0:.0f} ms a step)"
-        )
+        lines.append(f"  wall time {wall:.0f} s ({step_line(res)})" + time_split_line(res))
     return "\n".join(lines)

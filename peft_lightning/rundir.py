@@ -19,6 +19,7 @@ import fcntl
 import os
 import pickle
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -89,12 +90,23 @@ class RunLock:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Lightning's checkpoint IO, except that a checkpoint appears whole or not at all."""
+    """Lightning's checkpoint IO, except that a checkpoint appears whole or not at all.
+
+    Args:
+        clock: a `results.Clock`, whose `checkpoint` part gets the time of each write.
+    """
+
+    def __init__(self, clock=None):
+        super().__init__()
+        self.clock = clock
 
     def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        t0 = time.perf_counter()
         atomic_write(path, lambda f: torch.save(checkpoint, f), binary=True, fsync=True)
+        if self.clock is not None:
+            self.clock.add("checkpoint", time.perf_counter() - t0)
 
 
 def remove_partial_files(run_dir: Path) -> list[Path]:

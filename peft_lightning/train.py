@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 import traceback
 import uuid
 from contextlib import ExitStack
@@ -30,10 +31,13 @@ from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
 from peft_lightning.files import atomic_write_text
 from peft_lightning.gpus import gpu_slot
-from peft_lightning.module import MultiTaskModule
+from peft_lightning.module import MultiTaskModule, average, score_predictions
+from peft_lightning.quiet import quiet
 from peft_lightning.results import (
+    Clock,
     ResultsWriter,
     ResumableCSVLogger,
+    best_epoch,
     checkpoint_step,
     collect_predictions,
     in_row_order,
@@ -130,6 +134,7 @@ def train(cfg: DictConfig) -> dict:
     epochs = cfg.trainer.max_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"trainer.max_epochs must be a whole number >= 1, got {epochs!r} (a run must train)")
+    t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     watch_parent()  # a DDP child ends with its rank 0
     with ExitStack() as stack:
@@ -138,10 +143,10 @@ def train(cfg: DictConfig) -> dict:
             stack.enter_context(RunLock(run_dir))
             for partial in remove_partial_files(run_dir):
                 log.info("removed %s, left by a write that did not finish", partial)
-        return _train(cfg, run_dir)
+        return _train(cfg, run_dir, t0)
 
 
-def _train(cfg: DictConfig, run_dir: Path) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
     if not cfg.force and is_complete(run_dir):
         log.info("%s is complete; skipping (force=true reruns it)", run_dir)
         return read_results(run_dir)
@@ -169,14 +174,23 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if uses_wandb(cfg):  # a resumed run goes on as the same wandb run
         previous = (read_results(run_dir) or {}).get("wandb_id") if ckpt else None
         meta["wandb_id"] = previous or uuid.uuid4().hex[:16]
-    writer = ResultsWriter(run_dir, meta)
-    ckpt_cb = ModelCheckpoint(
+    writer = ResultsWriter(run_dir, meta, t0=t0)
+    checkpoints_kept(cfg)  # the option checked before anything trains
+    ckpt_cb = ModelCheckpoint(  # best.ckpt: the trained weights of the best epoch, no optimizer state
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="select/avg" if dm.select_on == "selection" else "val/avg",  # dev is only scored
         mode="max",
-        save_last=True,
         save_top_k=1,
+        save_weights_only=True,
+        enable_version_counter=False,
+    )
+    # last.ckpt: everything a resume needs (optimizer, schedule, loops), written each epoch
+    last_cb = ModelCheckpoint(  # the latest epoch's, each epoch (save_last would wait for a top-k save)
+        dirpath=run_dir / "checkpoints",
+        filename="last",
+        save_top_k=1,
+        save_on_train_epoch_end=False,  # after validation, as best.ckpt: the epoch's record is in it
         enable_version_counter=False,
     )
     tcfg = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -192,7 +206,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
             gpu = stack.enter_context(gpu_slot(torch.cuda.device_count(), cfg.gpus.jobs_per_gpu, cfg.gpus.lock_dir))
             log.info("job pinned to GPU %d", gpu)
             tcfg.update(accelerator="gpu", devices=[gpu])
-        return fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, adapter.name, ckpt)
+        return fit_and_predict(cfg, tcfg, module, dm, writer, (ckpt_cb, last_cb), run_dir, run_name, adapter.name, ckpt)
 
 
 def use_gpu_lock(cfg: DictConfig) -> bool:
@@ -215,15 +229,16 @@ def use_gpu_lock(cfg: DictConfig) -> bool:
     return bool(lock)
 
 
-def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, adapter_name, ckpt) -> dict:
+def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_name, adapter_name, ckpt) -> dict:
+    ckpt_cb = checkpoint_cbs[0]
     trainer = L.Trainer(
         default_root_dir=str(run_dir),
         logger=build_loggers(
             cfg, run_dir, run_name, adapter_name, checkpoint_step(ckpt) if ckpt else 0, writer.meta.get("wandb_id")
         )
         or False,
-        callbacks=[ckpt_cb, writer],
-        plugins=[AtomicCheckpointIO()],
+        callbacks=[*checkpoint_cbs, writer],
+        plugins=[AtomicCheckpointIO(writer.clock)],
         **tcfg,
     )
     try:
@@ -233,9 +248,20 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
         extra = {}
         best = ckpt_cb.best_model_path or None
         extra.update(
-            predict(trainer, module, dm, best, run_dir, test=cfg.predict, last=cfg.get("last_predictions", False))
+            predict(
+                trainer,
+                module,
+                dm,
+                best,
+                run_dir,
+                writer.clock,
+                test=cfg.predict,
+                last=cfg.get("last_predictions", False),
+            )
         )
         result = writer.write(trainer, module, status="complete", **extra)
+        if trainer.is_global_zero:
+            prune_checkpoints(run_dir, checkpoints_kept(cfg))
     except KeyboardInterrupt:
         writer.write(trainer, module, status="interrupted")
         raise
@@ -255,22 +281,45 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, ckpt_cb, run_dir, run_name, a
     return result
 
 
+CHECKPOINTS = {"best": ("best.ckpt",), "last": ("best.ckpt", "last.ckpt"), "none": ()}
+
+
+def checkpoints_kept(cfg: DictConfig) -> str:
+    keep = cfg.get("checkpoints", "best")
+    if keep not in CHECKPOINTS:
+        raise ValueError(f"checkpoints={keep!r} is unknown; expected one of {list(CHECKPOINTS)}")
+    return keep
+
+
+def prune_checkpoints(run_dir: Path, keep: str) -> list[str]:
+    """Once a run is complete: remove the checkpoints `checkpoints=<keep>` does not keep (by default
+    last.ckpt, the only file with optimizer state, needed to resume an unfinished run and nothing else)."""
+    removed = []
+    for path in sorted((run_dir / "checkpoints").glob("*.ckpt")):
+        if path.name not in CHECKPOINTS[keep]:
+            path.unlink()
+            removed.append(path.name)
+    return removed
+
+
 def predict(
     trainer: L.Trainer,
     module: MultiTaskModule,
     dm: MultiTaskDataModule,
     best: str | None,
     run_dir: Path,
+    clock: Clock,
     test: bool = True,
     last: bool = False,
 ) -> dict:
     """Dev (and selection split, train_eval sample) and test predictions of the best checkpoint.
 
-    The evaluated splits' predictions come from the best epoch's own validation pass when this
-    process saw it (no extra pass: they are written even with `predict=false`, for the reports'
-    paired bootstrap); test (and the evaluated splits after a resume that did not see the best
-    epoch) take one predict pass, with `predict=true` only. With `last`, the last epoch's evaluated
-    splits also go to `predictions/last/` (the epochs study's train - dev gap at its last mark).
+    The splits validation evaluated come from the best epoch's own pass when this process saw it
+    (no extra pass). One predict pass covers the rest: dev when it is scored once, by the chosen
+    weights (`data.score_dev=best`, whose scores then go into the best epoch's record), the
+    evaluated splits after a resume that did not see the best epoch, and test with `predict=true`.
+    Dev predictions are written even with `predict=false`, for the reports' paired bootstrap. With
+    `last`, the last epoch's evaluated splits also go to `predictions/last/` (the epochs study).
     """
 
     def in_order(outputs: dict) -> dict[tuple[str, str], list]:
@@ -281,30 +330,44 @@ def predict(
 
     written = {}
     if last and module.last_eval_predictions and trainer.is_global_zero:  # the last epoch's, for the epochs study
-        written = write_predictions(run_dir, dm, in_order(module.last_eval_predictions), "predictions/last")
+        with clock.part("write"):
+            written = write_predictions(run_dir, dm, in_order(module.last_eval_predictions), "predictions/last")
     preds = {}
     evaluated = module.best_eval_predictions if best else None
     if evaluated is not None and set(dm.val_targets()) <= set(evaluated):
         preds = in_order({k: evaluated[k] for k in dm.val_targets()})
-    if not test:
-        if not preds:
-            return {"predictions": written} if written else {}
-        return {
-            "predictions": {**written, **write_predictions(run_dir, dm, preds)} if trainer.is_global_zero else {},
-            "predicted_from": Path(best).name,
-        }
-    splits = ("test",) if preds else ("dev", "select", "train_eval", "test")
-    targets = dm.predict_targets(splits)
-    outputs = trainer.predict(module, dataloaders=dm.predict_dataloader(splits), ckpt_path=best)
-    if len(targets) == 1:
-        outputs = [outputs]  # one dataloader: Lightning returns its batches as a flat list
-    per_rank = gather(outputs)  # DDP: each rank predicted its own batches
-    merged = [[b for rank_outputs in per_rank for b in rank_outputs[k]] for k in range(len(targets))]
-    preds.update(collect_predictions(dm, targets, merged))
-    return {
-        "predictions": {**written, **write_predictions(run_dir, dm, preds)} if trainer.is_global_zero else {},
-        "predicted_from": Path(best).name if best else "last weights",
-    }
+    targets = [k for k in dm.predict_targets(("dev", "select", "train_eval")) if k not in preds]
+    targets += dm.predict_targets(("test",)) if test else []
+    if targets:
+        with clock.part("predict"):
+            loaders = [dm.eval_dataloader(t, s) for t, s in targets]
+            outputs = trainer.predict(module, dataloaders=loaders, ckpt_path=best)
+            if len(targets) == 1:
+                outputs = [outputs]  # one dataloader: Lightning returns its batches as a flat list
+            per_rank = gather(outputs)  # DDP: each rank predicted its own batches
+            merged = [[b for rank_outputs in per_rank for b in rank_outputs[k]] for k in range(len(targets))]
+            preds.update(collect_predictions(dm, targets, merged))
+    if not dm.dev_every_epoch:
+        score_dev(trainer, module, dm, preds)
+    if not preds:
+        return {"predictions": written} if written else {}
+    with clock.part("write"):
+        files = write_predictions(run_dir, dm, preds) if trainer.is_global_zero else {}
+    return {"predictions": {**written, **files}, "predicted_from": Path(best).name if best else "last weights"}
+
+
+def score_dev(trainer: L.Trainer, module: MultiTaskModule, dm: MultiTaskDataModule, preds: dict) -> None:
+    """Dev scored once, by the chosen weights: into the best epoch's record and the loggers."""
+    chosen = best_epoch(module.history)
+    dev = {t: score_predictions(t, preds[(t, "dev")], dm.split(t, "dev").labels) for t in dm.task_names}
+    if chosen is None:
+        return
+    chosen["dev"], chosen["dev_avg"] = dev, average(dev)
+    flat = {f"val/{t}/{m}": v for t, ms in dev.items() for m, v in ms.items()}
+    flat["val/avg"] = chosen["dev_avg"]
+    for logger in trainer.loggers if trainer.is_global_zero else []:
+        logger.log_metrics(flat, step=trainer.global_step)
+        logger.save()
 
 
 def record_failure(cfg: DictConfig, err: BaseException) -> None:
@@ -332,6 +395,7 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.types import RunMode
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    quiet()
     try:
         result = train(cfg)
     except KeyboardInterrupt:

@@ -147,7 +147,7 @@ def test_a_run_ends_with_a_summary_on_the_terminal_and_in_train_log(tiny_model_d
 def finished_run(tiny_model_dir, tmp_path, monkeypatch):
     """A complete two-epoch run whose last epoch is then marked as unfinished (as after a kill)."""
     data = make_data_dir(tmp_path / "data")
-    args = base_args(tiny_model_dir, data, tmp_path, "trainer.max_epochs=2")
+    args = base_args(tiny_model_dir, data, tmp_path, "trainer.max_epochs=2", "checkpoints=last")
     assert run_main(args, monkeypatch) == 0
     run = tmp_path / "run"
     res = json.loads((run / "results.json").read_text())

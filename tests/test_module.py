@@ -94,7 +94,9 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
     on_disk = json.loads((out / "results.json").read_text())
     assert on_disk["status"] == "complete" and on_disk == json.loads(json.dumps(res, default=float))
     assert [h["epoch"] for h in res["history"]] == [1, 2]
-    for h in res["history"]:
+    # dev is scored once, by the chosen epoch's weights (data.score_dev=best): only its record has dev
+    assert [("dev" in h) for h in res["history"]] == [h["epoch"] == res["best"]["epoch"] for h in res["history"]]
+    for h in [res["best"]]:
         assert set(h["dev"]) == {"sst5", "qqp", "stsb"} == set(h["train"])
         assert set(h["dev"]["qqp"]) == {"acc", "f1"} and set(h["dev"]["stsb"]) == {"pearson", "spearman"}
         avg = (h["dev"]["sst5"]["acc"] + h["dev"]["qqp"]["acc"] + h["dev"]["stsb"]["pearson"]) / 3
@@ -131,10 +133,52 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
                 float(rows[1][1])
             else:
                 assert {int(r[1]) for r in rows[1:]} <= set(range(5 if task == "sst5" else 2))
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    # a complete run keeps best.ckpt, trained weights only (no optimizer state): last.ckpt is removed
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.ckpt"]
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
     keys = set(ckpt["state_dict"])
     assert keys and all(".lora_" in k or k.startswith("heads.") for k in keys)  # only what trains
     assert ckpt["peft_lightning"]["identity"]["adapter"]["name"] == "lora"
+    assert "optimizer_states" not in ckpt and "lr_schedulers" not in ckpt
+    # where the time went: every part, and the rest, add up to the wall time
+    timing = res["timing"]
+    assert set(timing) == {"startup", "train", "validation", "checkpoint", "predict", "write", "other"}
+    assert timing["train"] == pytest.approx(res["train_time_s"], abs=1e-3)
+    assert min(timing.values()) >= 0 and timing["startup"] > 0 and timing["validation"] > 0 and timing["predict"] > 0
+    assert sum(timing.values()) == pytest.approx(res["wall_time_s"], abs=0.05)
+
+
+def test_dev_scored_once_equals_dev_scored_every_epoch(tiny_model_dir, data_dir, tmp_path):
+    """data.score_dev=best scores dev once, by the chosen weights: the same scores and predictions as
+    scoring it every epoch, with one dev pass instead of one an epoch."""
+    common = ("adapter=lora", "adapter.rank=2", "trainer.max_epochs=3")
+    once = run(tiny_model_dir, data_dir, tmp_path / "once", *common)
+    every = run(tiny_model_dir, data_dir, tmp_path / "every", *common, "data.score_dev=every_epoch")
+    assert all("dev" in h for h in every["history"]) and sum("dev" in h for h in once["history"]) == 1
+    assert once["best"]["epoch"] == every["best"]["epoch"]
+    assert once["best"]["dev_avg"] == pytest.approx(every["best"]["dev_avg"], abs=1e-6)
+    for task in ("sst5", "qqp", "stsb"):
+        for metric, value in every["best"]["dev"][task].items():
+            assert once["best"]["dev"][task][metric] == pytest.approx(value, abs=1e-6)
+        a = read_tsv(tmp_path / "once" / "predictions" / f"{task}-dev.tsv")
+        b = read_tsv(tmp_path / "every" / "predictions" / f"{task}-dev.tsv")
+        assert [r[0] for r in a] == [r[0] for r in b]
+        assert [float(r[1]) for r in a[1:]] == pytest.approx([float(r[1]) for r in b[1:]], abs=1e-5)
+    # the logged dev metrics: once, at the end, at the last step
+    rows = [r for r in read_csv(tmp_path / "once" / "csv" / "metrics.csv") if r.get("val/avg")]
+    assert len(rows) == 1 and float(rows[0]["val/avg"]) == pytest.approx(once["best"]["dev_avg"])
+
+
+def test_checkpoints_option_keeps_what_it_says(tiny_model_dir, data_dir, tmp_path):
+    for keep, files in (("last", ["best.ckpt", "last.ckpt"]), ("none", [])):
+        out = tmp_path / keep
+        res = run(tiny_model_dir, data_dir, out, "adapter=lora", "adapter.rank=2", f"checkpoints={keep}")
+        assert res["status"] == "complete" and sorted(p.name for p in (out / "checkpoints").iterdir()) == files
+        assert (out / "predictions" / "sst5-dev.tsv").is_file()
+    last = torch.load(tmp_path / "last" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert "optimizer_states" in last  # the file to train on
+    with pytest.raises(ValueError, match="checkpoints='some' is unknown"):
+        run(tiny_model_dir, data_dir, tmp_path / "bad", "checkpoints=some")
 
 
 def lora_shapes(res):
@@ -153,7 +197,14 @@ def test_dev_predictions_match_best_checkpoint_metrics(tiny_model_dir, data_dir,
 
 
 def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, data_dir, tmp_path, caplog):
-    args = ("adapter=lora", "adapter.dropout=0.1", "optim.lr=1e-2", "trainer.deterministic=true", "data.select_on=dev")
+    args = (
+        "adapter=lora",
+        "adapter.dropout=0.1",
+        "optim.lr=1e-2",
+        "trainer.deterministic=true",
+        "data.select_on=dev",
+        "checkpoints=last",  # the finished two-epoch run keeps last.ckpt, to train on
+    )
     full = run(tiny_model_dir, data_dir, tmp_path / "a", *args, "trainer.max_epochs=3")
     # an interrupted run: two epochs done and checkpointed, then killed (results.json still 'running')
     out = tmp_path / "b"
@@ -201,8 +252,8 @@ def build(tiny_model_dir, adapter, seed=0, fuse=False):
 
 def test_checkpoint_of_another_adapter_or_backbone_is_refused(tiny_model_dir, data_dir, tmp_path):
     out = tmp_path / "run"
-    run(tiny_model_dir, data_dir, out, "adapter=lora", "+trainer.max_steps=2", "trainer.max_epochs=1")
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    run(tiny_model_dir, data_dir, out, "adapter=lora", "trainer.max_epochs=1")
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
     module, _ = build(tiny_model_dir, Prefix(2))
     with pytest.raises(ValueError, match="adapter: checkpoint has .*'lora'.*this run has .*'prefix'"):
         module.on_load_checkpoint(ckpt)
@@ -286,7 +337,7 @@ def test_bf16_mixed_lora_run_with_packed_casts(tiny_model_dir, data_dir, tmp_pat
     assert calls.count(True) == 6  # every training step writes the A and B the optimizer changed
     assert len(arenas) == 1
     assert all(0.0 <= res["history"][0]["dev"][t]["acc"] <= 1.0 for t in ("sst5", "qqp"))
-    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    ckpt = torch.load(out / "checkpoints" / "best.ckpt", weights_only=False)
     lora_b = [v for k, v in ckpt["state_dict"].items() if k.endswith("lora_B")]
     assert lora_b and all(v.dtype == torch.float32 for v in lora_b)  # trainable weights stay fp32
     assert all(v.abs().sum() > 0 for v in lora_b)  # B starts at 0: every one of them was trained

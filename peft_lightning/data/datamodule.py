@@ -89,6 +89,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             split (see `selection`), which picks the best epoch; 0: none.
         select_on: `selection` (the best epoch by the selection split; dev is only reported) or
             `dev` (the study's protocol: by dev, and no selection split).
+        score_dev: `best` (dev is scored once, by the chosen epoch's weights, when it does not
+            choose the epoch: one pass instead of one an epoch) or `every_epoch` (dev in every
+            epoch's record too: the epochs study's curves). With `select_on=dev`, every epoch.
         train_eval: training rows (a sample of those trained on) evaluated like dev every epoch.
         eval_seed: seed of the selection split, the train_eval sample and the dev subsample.
         seed: seed for the training subsample and batch order.
@@ -116,6 +119,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         limit_eval: int | None = None,
         selection: int | float = 500,
         select_on: str = "selection",
+        score_dev: str = "best",
         train_eval: int = 500,
         eval_seed: int = 0,
         seed: int = 0,
@@ -152,7 +156,9 @@ class MultiTaskDataModule(L.LightningDataModule):
             raise ValueError(
                 "data.select_on=selection needs a selection split: data.selection > 0 (or data.select_on=dev)"
             )
-        self.selection, self.select_on = selection, select_on
+        if score_dev not in ("best", "every_epoch"):
+            raise ValueError(f"data.score_dev={score_dev!r} is unknown; expected best or every_epoch")
+        self.selection, self.select_on, self.score_dev = selection, select_on, score_dev
         self.train_eval = whole("data.train_eval", train_eval, 0)
         self.eval_seed = whole("data.eval_seed", eval_seed, 0)
         self.seed, self.num_workers = seed, whole("data.num_workers", num_workers, 0)
@@ -239,10 +245,16 @@ class MultiTaskDataModule(L.LightningDataModule):
         # so dropout masks do not depend on when Lightning builds iterators (fresh run vs resume).
         return torch.Generator().manual_seed(self.seed)
 
+    @property
+    def dev_every_epoch(self) -> bool:
+        """Whether validation scores dev every epoch (else once, at the end, by the chosen weights)."""
+        return self.select_on == "dev" or self.score_dev == "every_epoch"
+
     def val_targets(self) -> list[tuple[str, str]]:
-        """(task, split) of each validation dataloader: dev, then the selection split and the
-        train_eval sample where there are ones."""
-        return [(t, s) for s in ("dev", "select", "train_eval") for t in self.task_names if (t, s) in self.splits]
+        """(task, split) of each validation pass: dev (when scored every epoch), then the selection
+        split and the train_eval sample where there are ones."""
+        splits = ("dev", "select", "train_eval") if self.dev_every_epoch else ("select", "train_eval")
+        return [(t, s) for s in splits for t in self.task_names if (t, s) in self.splits]
 
     def selection_record(self) -> dict:
         """What results.json says of how this run chose its best epoch."""
