@@ -27,6 +27,7 @@ from peft_lightning.model import MultiTaskModel
 from peft_lightning.module import task_metrics
 from peft_lightning.results import read_results
 from peft_lightning.rundir import read_checkpoint_meta
+from peft_lightning.sharing import source_dir
 from peft_lightning.tasks import TASKS
 
 
@@ -132,7 +133,7 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     if res is None or "config" not in res:
         raise FileNotFoundError(f"{run_dir}: no readable results.json with the run's config (not a peft-train run?)")
     cfg = OmegaConf.create(res["config"])
-    ckpt = read_checkpoint_meta(run_checkpoint(run_dir, checkpoint))
+    ckpt = read_checkpoint_meta(run_checkpoint(source_dir(run_dir, res), checkpoint))
     backbone = build_backbone(cfg)
     model = build_model(cfg, backbone, build_adapter(cfg.adapter), list(cfg.data.tasks))
     model.check_checkpoint(ckpt)  # the same backbone, adapter and heads, or a clear error

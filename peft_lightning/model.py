@@ -76,6 +76,7 @@ class MultiTaskModel(nn.Module):
             "sts_head": sts_head,
             "pair_features": pair_features,
         }
+        self.train(self.training)  # a frozen encoder starts in eval mode (Lightning restores modes it saw)
 
     def compile_encoder(self) -> None:
         """`torch.compile` the encoder in place, once, when asked (parameter names, and checkpoints, stay)."""
@@ -125,15 +126,19 @@ class MultiTaskModel(nn.Module):
         bf16 an STS score near 4 would be rounded to a multiple of 1/32 (the written predictions,
         and Spearman's ties, with it). Autocast would also cast every head weight each step.
         """
-        passes = [enc for sub in batch.values() for enc in sub["inputs"]]
-        pooled = self.encode(passes)
+        passes = [enc for sub in batch.values() for enc in sub.get("inputs", ())]
+        pooled = self.encode(passes) if passes else []
         out, k = {}, 0
-        device = passes[0]["input_ids"].device.type
+        first = passes[0]["input_ids"] if passes else next(iter(batch.values()))["features"][0]
+        device = first.device.type
         with torch.autocast(device, enabled=False):
             for task, sub in batch.items():
-                n = len(sub["inputs"])
-                out[task] = self.heads[task]([p.float() for p in pooled[k : k + n]])
-                k += n
+                if "features" in sub:  # a frozen encoder's cached vectors (features.py)
+                    vectors = sub["features"]
+                else:
+                    n = len(sub["inputs"])
+                    vectors, k = pooled[k : k + n], k + n
+                out[task] = self.heads[task]([p.float() for p in vectors])
         return out
 
     def parts(self) -> tuple[list, list, list]:

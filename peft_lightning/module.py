@@ -141,6 +141,8 @@ class MultiTaskModule(L.LightningModule):
 
     # ---- epochs and metrics --------------------------------------------------------------
     def on_train_epoch_start(self) -> None:
+        # Lightning restores each submodule's own mode after validation: a frozen encoder stays in eval mode
+        self.model.train(True)
         # each rank its own dropout masks under DDP (rank 0's are those of a single process)
         torch.manual_seed(self.seed * 100_003 + self.current_epoch + 7_919 * self.global_rank)
 

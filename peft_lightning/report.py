@@ -243,9 +243,50 @@ def build_report(
             lines += ["![metric vs prefix length](prefix_length.png)", ""]
         if study == "epochs" and plot_epochs(out / "epochs.png", srun):
             lines += ["![train and dev vs epoch](epochs.png)", ""]
+    lines += cost_section(runs, out)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+COST_PARTS = ("startup", "features", "train", "validation", "predict")
+
+
+def cost_section(runs: list[dict], out: Path) -> list[str]:
+    """Where the time went, per strategy: each complete run trained once (a shared copy is counted in
+    its source), its mean wall time and the share of each part (`results.Clock`)."""
+    trained = [r for r in runs if r.get("status") == "complete" and not r.get("shared_from") and r.get("wall_time_s")]
+    if not trained:
+        return []
+    by_name: dict[str, list[dict]] = {}
+    for r in trained:
+        by_name.setdefault((r.get("adapter") or {}).get("name", "?"), []).append(r)
+    header = ["strategy", "runs", "wall s (mean)", *(f"{p} %" for p in COST_PARTS), "other %"]
+    rows = []
+    for name, rs in sorted(by_name.items()):
+        wall = sum(r["wall_time_s"] for r in rs)
+        timed = [r for r in rs if r.get("timing")]
+        cells = [name, str(len(rs)), f"{wall / len(rs):.1f}"]
+        if timed:
+            total = sum(r["wall_time_s"] for r in timed)
+            shares = [sum(r["timing"].get(p, 0.0) for r in timed) / total for p in COST_PARTS]
+            cells += [f"{100 * s:.0f}" for s in shares] + [f"{100 * (1 - sum(shares)):.0f}"]
+        else:  # results.json of an older version: training time only
+            train = sum(r.get("train_time_s") or 0 for r in rs) / wall
+            cells += ["-", "-", f"{100 * train:.0f}", "-", "-", f"{100 * (1 - train):.0f}"]
+        rows.append(cells)
+    shared = sum(1 for r in runs if r.get("shared_from"))
+    write_csv(out / "cost.csv", header, rows)
+    return [
+        "## Where the time went",
+        "",
+        markdown(header, rows),
+        "",
+        f"Each run trained once: {len(trained)} trained"
+        + (f", {shared} more taken from another study's run with the same training config" if shared else "")
+        + ". Other: checkpoints, results and predictions files, and what no part covers. CSV: `cost.csv`",
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -8,6 +8,12 @@ where it stopped. Other `key=value` arguments are passed to every sweep (for exa
     peft-reproduce budget=quick data.dir=/path/to/data
     peft-reproduce budget=paper studies=[main,lora_rank] hydra/launcher=slurm
     peft-reproduce budget=cpu 'studies=[main,tuned]' data.dir=/path/to/data   # tuned: peft-tune's fair comparison
+    peft-reproduce budget=cpu 'studies=[paper]' plan=true   # the jobs and an estimate; nothing runs
+
+`plan=true` (or `--dry-run`) lists every job (complete, shared with another study's run, resume,
+to run) and estimates the wall time from the measured runs of each strategy under the sweep root
+(`plan_from=<folder>` reads them from elsewhere, e.g. a committed report's runs). While the
+sweeps run, a line per finished job says k of N, the time elapsed and the ETA.
 """
 
 from __future__ import annotations
@@ -19,6 +25,17 @@ import time
 from pathlib import Path
 
 from peft_lightning.config import compose
+from peft_lightning.plan import (
+    Costs,
+    Progress,
+    fmt_s,
+    plan_options,
+    print_plan,
+    share_within,
+    study_jobs,
+    sweep_dir,
+    tuned_jobs,
+)
 from peft_lightning.report import BEYOND, PAPER_STUDIES, build_report
 
 
@@ -43,45 +60,53 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
     return budget, studies, rest
 
 
-def sweep_dir(study: str, budget: str, overrides: list[str]) -> Path:
-    """Where `peft-train -m experiment=<study> budget=<budget> <overrides>` puts its jobs: Hydra's
-    own `hydra.sweep.dir` for that command (`sweep_root`, `hydra.sweep.dir=...` or any override
-    that moves it), so the report is read from where the runs went."""
-    cfg = compose([f"experiment={study}", f"budget={budget}", *overrides], hydra_config=True)
-    return Path(str(cfg.hydra.sweep.dir))
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
+    plan_only, sources, argv = plan_options(argv)
     budget, studies, rest = parse(argv)
     dirs = [sweep_dir(study, budget, rest) for study in studies]  # (tuned: its final runs' folder)
     report_root = Path(os.path.commonpath([str(d.resolve()) for d in dirs]))
     if len(dirs) == 1:
         report_root = dirs[0].resolve().parent if dirs[0].name == studies[0] else dirs[0].resolve()
+    root = Path(str(compose([f"budget={budget}", *rest]).sweep_root))
+    costs = Costs([root, *sources])
+    jobs, notes = [], []
+    for study in studies:
+        if study == "tuned":  # its final jobs depend on the search: priced from the search's
+            tune_jobs, note = tuned_jobs(budget, rest)
+            jobs += tune_jobs
+            notes.append(note)
+        else:
+            jobs += study_jobs(study, budget, rest)
+    share_within(jobs)
+    print_plan(jobs, costs, notes)
+    if plan_only:
+        return
+    if not sources and not costs.costs:
+        print("  (no measured run yet: plan_from=<folder of runs> prices the jobs)", flush=True)
     t0 = time.time()
     failed = []
-    for study in studies:
-        if study == "tuned":  # peft-tune: the lr search per strategy, then its seeds
-            cmd = [sys.executable, "-m", "peft_lightning.tune", f"budget={budget}", *rest]
-            print(f"== tuned: {' '.join(cmd[2:])}", flush=True)
+    with Progress(jobs) as progress:
+        for study in studies:
+            if study == "tuned":  # peft-tune: the lr search per strategy, then its seeds
+                cmd = [sys.executable, "-m", "peft_lightning.tune", f"budget={budget}", "plan=false", *rest]
+            else:
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "peft_lightning.train",
+                    "-m",
+                    f"experiment={study}",
+                    f"budget={budget}",
+                    *rest,
+                ]
+            print(f"== {study}: {' '.join(cmd[2:])}", flush=True)
             if subprocess.run(cmd).returncode != 0:
                 failed.append(study)
-            continue
-        cmd = [
-            sys.executable,
-            "-m",
-            "peft_lightning.train",
-            "-m",
-            f"experiment={study}",
-            f"budget={budget}",
-            *rest,
-        ]
-        print(f"== {study}: {' '.join(cmd[2:])}", flush=True)
-        if subprocess.run(cmd).returncode != 0:
-            failed.append(study)
+    print(f"{len(progress.done)} of {progress.total} jobs finished in {fmt_s(time.time() - t0)}", flush=True)
     report_and_exit(report_root, t0, failed, "studies whose sweep process failed", budget, rest)
 
 

@@ -127,13 +127,14 @@ def best_epoch(history: list[dict]) -> dict | None:
 class Clock:
     """Seconds spent in each part of a run, summed over its processes (a resume adds to them).
 
-    startup: from the job's start to the start of training (backbone, data, features); train: the
+    startup: from the job's start to the start of training (backbone, data); features: a frozen
+    encoder's vectors (features.py); train: the
     training epochs; validation: every validation pass; checkpoint: writing checkpoints; predict:
     the final prediction pass; write: results.json and the predictions files. `other` in
     results.json is the wall time none of these covers.
     """
 
-    PARTS = ("startup", "train", "validation", "checkpoint", "predict", "write")
+    PARTS = ("startup", "features", "train", "validation", "checkpoint", "predict", "write")
 
     def __init__(self, seconds: dict | None = None):
         self.seconds = dict.fromkeys(self.PARTS, 0.0)

@@ -29,6 +29,7 @@ from peft_lightning.checks import whole
 from peft_lightning.config import VERSION_BASE, conf_dir
 from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
+from peft_lightning.features import FrozenFeatures
 from peft_lightning.files import atomic_write_text
 from peft_lightning.gpus import gpu_slot
 from peft_lightning.module import MultiTaskModule, average, score_predictions
@@ -56,6 +57,7 @@ from peft_lightning.rundir import (
     read_checkpoint_meta,
     remove_partial_files,
 )
+from peft_lightning.sharing import find_shared, take_shared
 
 log = logging.getLogger("peft_lightning")
 
@@ -150,6 +152,18 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
     if not cfg.force and is_complete(run_dir):
         log.info("%s is complete; skipping (force=true reruns it)", run_dir)
         return read_results(run_dir)
+    if not cfg.force and process_rank() == 0:  # another study's run with this training config
+        config = OmegaConf.to_container(cfg, resolve=True)
+        root = Path(to_absolute_path(str(cfg.sweep_root)))
+        found = find_shared(config, run_dir, root)
+        if found is not None:
+            meta = {
+                "run_name": cfg.get("run_name") or run_dir.name,
+                "study": cfg.study,
+                "overrides": list(cfg.get("overrides") or []),
+                "config": config,
+            }
+            return take_shared(run_dir, root, *found, meta)
     L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
     backbone, dm, module = build(cfg)
     dm.setup()  # the data's errors before anything is written, and the selection split's size for results.json
@@ -237,7 +251,7 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
             cfg, run_dir, run_name, adapter_name, checkpoint_step(ckpt) if ckpt else 0, writer.meta.get("wandb_id")
         )
         or False,
-        callbacks=[*checkpoint_cbs, writer],
+        callbacks=[*checkpoint_cbs, writer, *feature_callbacks(cfg, module, dm, writer.clock)],
         plugins=[AtomicCheckpointIO(writer.clock)],
         **tcfg,
     )
@@ -279,6 +293,13 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
 
             wandb.finish()
     return result
+
+
+def feature_callbacks(cfg: DictConfig, module: MultiTaskModule, dm: MultiTaskDataModule, clock: Clock) -> list:
+    """A frozen encoder's vectors computed once and cached (`feature_cache=true`, the default)."""
+    if not (module.model.adapter.freeze_encoder and cfg.get("feature_cache", True)):
+        return []
+    return [FrozenFeatures(dm.cache_dir / "features", clock)]
 
 
 CHECKPOINTS = {"best": ("best.ckpt",), "last": ("best.ckpt", "last.ckpt"), "none": ()}

@@ -27,7 +27,8 @@ from pathlib import Path
 
 from peft_lightning.config import compose
 from peft_lightning.optim import TUNED_ROLE
-from peft_lightning.reproduce import report_and_exit, sweep_dir
+from peft_lightning.plan import Costs, Progress, fmt_s, plan_options, print_plan, sweep_dir, tuned_jobs
+from peft_lightning.reproduce import report_and_exit
 from peft_lightning.results import selection_score
 from peft_lightning.runs import load_runs
 
@@ -83,9 +84,18 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return
+    plan_only, sources, argv = plan_options(argv)
     budget, rest = parse(argv)
     cfg = composed(budget, rest)
     strategies, seeds = list(cfg.tune.strategies), list(cfg.budget.seeds)
+    progress = None
+    if plan_only is not False:  # peft-reproduce passes plan=false: it shows the plan and the progress
+        costs = Costs([Path(str(cfg.sweep_root)), *sources])
+        jobs, note = tuned_jobs(budget, rest)
+        print_plan(jobs, costs, [note])
+        if plan_only:
+            return
+        progress = Progress(jobs).__enter__()
     t0 = time.time()
     search = sweep_dir("tune_lr", budget, rest)
     print(
@@ -105,6 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     (final / "tuned_lr.json").write_text(
         json.dumps({"budget": budget, "seeds": seeds, "strategies": chosen}, indent=2) + "\n"
     )
+    if progress is not None:
+        progress.__exit__(None, None, None)
+        print(f"{len(progress.done)} of {progress.total} jobs finished in {fmt_s(time.time() - t0)}", flush=True)
     root = Path(os.path.commonpath([str(search.resolve()), str(final.resolve())]))
     report_and_exit(root, t0, missing, "strategies without a complete search run", budget, rest)
 

@@ -142,7 +142,8 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
     assert "optimizer_states" not in ckpt and "lr_schedulers" not in ckpt
     # where the time went: every part, and the rest, add up to the wall time
     timing = res["timing"]
-    assert set(timing) == {"startup", "train", "validation", "checkpoint", "predict", "write", "other"}
+    assert set(timing) == {"startup", "features", "train", "validation", "checkpoint", "predict", "write", "other"}
+    assert timing["features"] == 0  # only a frozen encoder's
     assert timing["train"] == pytest.approx(res["train_time_s"], abs=1e-3)
     assert min(timing.values()) >= 0 and timing["startup"] > 0 and timing["validation"] > 0 and timing["predict"] > 0
     assert sum(timing.values()) == pytest.approx(res["wall_time_s"], abs=0.05)

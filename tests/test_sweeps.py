@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -252,3 +253,45 @@ def test_tune_searches_each_strategys_lr_then_retrains_the_best_over_seeds(tiny_
         "## Each strategy at its own tuned learning rate (dev)" in text and "Tuned learning rates (`peft-tune`)" in text
     )
     assert f"| lora | {chosen['lora']['lr']:g} | optim.adapter_lr |" in text
+
+
+def test_reproduce_plans_shares_runs_between_studies_and_reports_progress(tiny_model_dir, data_dir, tmp_path):
+    root = tmp_path / "multirun"
+    cmd = [
+        sys.executable,
+        "-m",
+        "peft_lightning.reproduce",
+        "budget=smoke",
+        "studies=[main,prefix_length]",
+        f"sweep_root={root}",
+        "model=local",
+        f"model.source={tiny_model_dir}",
+        f"data.dir={data_dir}",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "trainer.accelerator=cpu",
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline", "PYTHONPATH": str(ROOT)}
+
+    def reproduce(*extra):
+        proc = subprocess.run([*cmd, *extra], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    planned = reproduce("plan=true")
+    # main: 4 strategies; prefix_length: P = 1, 2, 4, 8, of which P=4 is main's prefix run
+    assert "8 jobs: 1 shared, 7 to run" in planned and not root.exists()  # a plan runs nothing
+    assert re.search(r"shared   prefix_length/adapter\.length=4,\S+ <- \S+/main/adapter=prefix,", planned)
+    out = reproduce()
+    runs = {p.parent.relative_to(root).as_posix(): json.loads(p.read_text()) for p in root.rglob("results.json")}
+    runs = {k: r for k, r in runs.items() if r["study"] != "floor"}
+    assert len(runs) == 8 and all(r["status"] == "complete" for r in runs.values())  # the plan's count
+    progress = [line for line in out.splitlines() if re.match(r"\[\d+/\d+\] ", line)]
+    assert len(progress) == 8 and progress[-1].startswith("[8/8] ") and "ETA done" in progress[-1]
+    ((name, shared),) = [(k, r) for k, r in runs.items() if r.get("shared_from")]
+    assert name.startswith("prefix_length/adapter.length=4,") and shared["shared_from"].startswith(
+        "main/adapter=prefix,"
+    )
+    assert not (root / name / "checkpoints").exists() and (root / shared["shared_from"] / "checkpoints").is_dir()
+    text = (root / "report" / "report.md").read_text()
+    assert "## Main comparison" in text and "## Prefix length" in text and "1 more taken" in text
+    assert "8 jobs: 8 complete" in reproduce("plan=true")

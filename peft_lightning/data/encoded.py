@@ -46,6 +46,13 @@ class EncodedSplit:
     ids: list[str]
     labels: torch.Tensor | None  # (N,) float32; class ids for classification
     segments: list[Segment]
+    source_key: str = ""  # the source file's token cache key (its bytes, tokenizer, max length, pair encoding)
+    source_rows: torch.Tensor | None = None  # (N,) each row's index in the source file's rows
+    features: list[torch.Tensor] | None = None  # a frozen encoder's vectors per pass, (N, hidden) (features.py)
+
+    def __post_init__(self):
+        if self.source_rows is None:
+            self.source_rows = torch.arange(len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,7 +74,8 @@ class EncodedSplit:
             )
             segs.append(_pack(pieces, types))
         labels = self.labels[rows] if self.labels is not None else None
-        return EncodedSplit(self.task, self.split, [self.ids[i] for i in rows.tolist()], labels, segs)
+        ids = [self.ids[i] for i in rows.tolist()]
+        return EncodedSplit(self.task, self.split, ids, labels, segs, self.source_key, self.source_rows[rows])
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -94,22 +102,22 @@ def encode_split(
     if pair_encoding not in ("separate", "cross"):
         raise ValueError(f"data.pair_encoding must be 'separate' or 'cross', got {pair_encoding!r}")
     labels = torch.tensor(split.labels, dtype=torch.float32) if split.labels is not None else None
-    path = None
+    key, path = "", None  # rows not read from a file (peft-predict's stdin, load_run) have no cache key
     if cache_dir is not None:
         digest = hashlib.sha256(split.path.read_bytes()).hexdigest()[:16]
         tok = tokenizer_id or tokenizer_fingerprint(tokenizer)
         skipped = hashlib.sha256("\n".join(split.skipped).encode()).hexdigest()[:8]
         key = f"{split.task}-{split.split}-{digest}-{tok}-L{max_length}-{pair_encoding}-{skipped}-v{CACHE_VERSION}"
         path = Path(cache_dir) / f"{key}.pt"
-        if path.is_file():
-            segs = _read_cached(path, len(split))
-            if segs is not None:
-                return EncodedSplit(split.task, split.split, split.ids, labels, segs)
+    if path is not None and path.is_file():
+        segs = _read_cached(path, len(split))
+        if segs is not None:
+            return EncodedSplit(split.task, split.split, split.ids, labels, segs, key)
     segs = _tokenise(split, tokenizer, max_length, pair_encoding)
     if path is not None:
         cache = {"segments": [s.__dict__ for s in segs], "sha256": _checksum(segs)}
         atomic_write(path, lambda f: torch.save(cache, f), binary=True)
-    return EncodedSplit(split.task, split.split, split.ids, labels, segs)
+    return EncodedSplit(split.task, split.split, split.ids, labels, segs, key)
 
 
 def _checksum(segs: list[Segment]) -> str:
@@ -166,6 +174,11 @@ def collate(data: EncodedSplit, rows: list[int] | tuple[int, ...], pad_id: int =
     encoder pass, each (B, T_max)), `labels` (B,) when the split has labels, and `index` (B,).
     """
     rows_t = torch.as_tensor(list(rows), dtype=torch.int64)
+    if data.features is not None:  # a frozen encoder's cached vectors: no token ids needed
+        batch = {"features": [f[rows_t] for f in data.features], "index": rows_t}
+        if data.labels is not None:
+            batch["labels"] = data.labels[rows_t]
+        return batch
     inputs = []
     for s in data.segments:
         starts, ends = s.offsets[rows_t], s.offsets[rows_t + 1]

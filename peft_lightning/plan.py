@@ -1,0 +1,317 @@
+"""A plan before a long command, and progress while it runs: `peft-reproduce` and `peft-tune`.
+
+`study_jobs` lists the jobs Hydra's basic sweeper will launch for `peft-train -m experiment=<study>`
+(the experiment's `hydra.sweeper.params` and the command line's own sweeps, expanded by Hydra's
+`BasicSweeper.split_arguments`), each with its run folder and state: complete, shared (a complete
+run elsewhere under the sweep root has its training config: `sharing.py`), resume (a last.ckpt to
+go on from), failed, or to run. `estimate` prices a job from the measured runs of its strategy
+(`Costs`: the per-epoch training and validation time, start-up and prediction in their
+results.json), scaled to its epochs. `Progress` watches the planned folders while the sweeps run
+and prints one line per finished job: k of N, elapsed, ETA.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from peft_lightning.config import compose
+from peft_lightning.sharing import complete_runs, find_shared, training_identity
+
+
+@dataclass
+class Job:
+    study: str
+    overrides: list[str]
+    run_dir: Path
+    adapter: str
+    epochs: int
+    state: str = "to run"  # complete | shared | resume | failed | to run
+    estimate_s: float | None = None
+    source: Path | None = None  # the run a shared job is taken from
+    config: dict = field(default_factory=dict, repr=False)
+    pattern: str | None = None  # a job whose folder is known only once it runs (peft-tune's final runs): a glob
+
+    def folders(self) -> list[Path]:
+        if self.pattern is None:
+            return [self.run_dir]
+        return sorted(self.run_dir.parent.glob(self.pattern)) if self.run_dir.parent.is_dir() else []
+
+    @property
+    def name(self) -> str:
+        return f"{self.study}/{self.run_dir.name}"
+
+
+def job_overrides(study: str, budget: str, rest: list[str]) -> list[list[str]]:
+    """Each job's overrides, as Hydra's basic sweeper makes them from the experiment's sweep
+    params and the command line."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose([f"experiment={study}", f"budget={budget}", *rest], hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
+    arguments = [f"{k}={v}" for k, v in params.items()] + [f"experiment={study}", f"budget={budget}", *rest]
+    parsed = OverridesParser.create().parse_overrides(arguments)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
+
+
+def resolved(cfg) -> dict:
+    """A composed job config as a plain dict, without what only a running Hydra job resolves."""
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k not in ("output_dir", "overrides", "hydra")])
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def study_jobs(study: str, budget: str, rest: list[str], shared_root: Path | None = None, runs=None) -> list[Job]:
+    """The jobs of one study's sweep, in launch order, with their states."""
+    jobs = []
+    for overrides in job_overrides(study, budget, rest):
+        cfg = compose(overrides, hydra_config=True)
+        run_dir = Path(str(cfg.hydra.sweep.dir)) / str(cfg.hydra.sweep.subdir)
+        config = resolved(cfg)
+        job = Job(study, overrides, run_dir, adapter_name(cfg), int(cfg.trainer.max_epochs), config=config)
+        job.state = run_state(run_dir)
+        if job.state == "to run" and not cfg.get("force"):
+            root = shared_root or Path(str(cfg.sweep_root))
+            found = find_shared(config, run_dir, root, runs)
+            if found is not None:
+                job.state, job.source = "shared", found[0]
+        jobs.append(job)
+    return jobs
+
+
+def share_within(jobs: list[Job]) -> list[Job]:
+    """A job to run whose training config an earlier job of the plan has: shared from that job's
+    folder once it is complete (the sweeps run one study after another)."""
+    first: dict[str, Job] = {}
+    for job in jobs:
+        if not job.config:
+            continue
+        key = json.dumps(training_identity(job.config), sort_keys=True, default=str)
+        if key in first and job.state == "to run":
+            job.state, job.source = "shared", first[key].run_dir
+        first.setdefault(key, job)
+    return jobs
+
+
+def adapter_name(cfg) -> str:
+    from hydra.utils import get_class
+
+    try:
+        return get_class(cfg.adapter._target_).name
+    except Exception:  # a plan must not fail on an adapter it cannot import
+        return str(cfg.adapter.get("_target_", "?")).rsplit(".", 1)[-1].lower()
+
+
+def run_state(run_dir: Path) -> str:
+    try:
+        res = json.loads((run_dir / "results.json").read_text())
+    except (OSError, ValueError):
+        res = {}
+    status = res.get("status")
+    if status == "complete":
+        return "complete"
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        return "resume"
+    return "failed" if status == "failed" else "to run"
+
+
+@dataclass
+class Cost:
+    """Measured seconds of one strategy's runs: per epoch (training and validation), and once a run."""
+
+    per_epoch: float
+    once: float
+    runs: int
+
+
+class Costs:
+    """Per strategy, the median measured cost of the complete runs under some folders."""
+
+    def __init__(self, roots: list[Path]):
+        samples: dict[str, list[tuple[float, float]]] = {}
+        for root in roots:
+            for _, res in complete_runs(root):
+                epochs = len(res.get("history") or []) or 1
+                wall = res.get("wall_time_s")
+                name = (res.get("adapter") or {}).get("name")
+                if not wall or not name:
+                    continue
+                timing = res.get("timing") or {}
+                if timing:
+                    per_epoch = (
+                        timing.get("train", 0) + timing.get("validation", 0) + timing.get("checkpoint", 0)
+                    ) / epochs
+                    once = max(0.0, wall - per_epoch * epochs)
+                else:  # an older results.json: all of its time scales with epochs but a start-up share
+                    per_epoch, once = wall / epochs, 0.0
+                samples.setdefault(name, []).append((per_epoch, once))
+        self.costs = {
+            name: Cost(statistics.median(p for p, _ in s), statistics.median(o for _, o in s), len(s))
+            for name, s in samples.items()
+        }
+
+    def estimate(self, job: Job) -> float | None:
+        cost = self.costs.get(job.adapter)
+        if cost is None:
+            return None
+        return cost.once + cost.per_epoch * job.epochs
+
+
+def fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def describe(jobs: list[Job], costs: Costs, extra: list[str] | None = None) -> str:
+    """The plan as text: a line per job, the counts, and the estimate for what is left to run."""
+    lines = []
+    for job in jobs:
+        if job.state in ("to run", "resume", "failed"):
+            job.estimate_s = costs.estimate(job)
+        note = f" <- {job.source}" if job.source else ""
+        est = f"  ~{fmt_s(job.estimate_s)}" if job.estimate_s is not None else ""
+        lines.append(f"  {job.state:<8} {job.name}{note}{est}")
+    counts = {s: sum(j.state == s for j in jobs) for s in ("complete", "shared", "resume", "failed", "to run")}
+    todo = [j for j in jobs if j.state in ("to run", "resume", "failed")]
+    known = [j.estimate_s for j in todo if j.estimate_s is not None]
+    lines.append(
+        f"{len(jobs)} jobs: "
+        + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+        + f"; estimated {fmt_s(sum(known))} for the {len(known)} to train"
+        + (f" ({len(todo) - len(known)} more with no measured run of their strategy)" if len(known) < len(todo) else "")
+    )
+    if costs.costs:
+        lines.append(
+            "  measured: "
+            + ", ".join(
+                f"{n} {fmt_s(c.per_epoch)}/epoch + {fmt_s(c.once)} ({c.runs} runs)"
+                for n, c in sorted(costs.costs.items())
+            )
+        )
+    lines += extra or []
+    return "\n".join(lines)
+
+
+class Progress:
+    """Prints a line as each planned job finishes (its results.json turns complete or failed)."""
+
+    def __init__(self, jobs: list[Job], out=sys.stdout, every: float = 2.0):
+        self.todo = [j for j in jobs if j.state in ("to run", "resume", "failed", "shared")]
+        self.total, self.out, self.every = len(self.todo), out, every
+        self.done: list[Job] = []
+        self.t0 = time.time()
+        self.before = {id(j): self._stamp(j) for j in self.todo}  # a failed job's old file is not news
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.every):
+            self.poll()
+
+    @staticmethod
+    def _stamp(job: Job) -> tuple:
+        return tuple((f / "results.json").stat().st_mtime_ns for f in job.folders() if (f / "results.json").is_file())
+
+    def poll(self) -> None:
+        for job in list(self.todo):
+            if self._stamp(job) == self.before[id(job)]:
+                continue
+            status = None
+            for folder in job.folders():
+                try:
+                    status = json.loads((folder / "results.json").read_text()).get("status")
+                except (OSError, ValueError):
+                    continue
+                if status == "complete":
+                    break
+            if status in ("complete", "failed"):
+                self.todo.remove(job)
+                self.done.append(job)
+                print(self.line(job, status), file=self.out, flush=True)
+
+    def eta(self) -> float | None:
+        """What is left, priced at the pace so far against the plan's estimates (else per job)."""
+        elapsed = time.time() - self.t0
+        planned = [j.estimate_s for j in self.done if j.estimate_s]
+        left = [j.estimate_s for j in self.todo if j.estimate_s]
+        if planned and len(left) == len(self.todo):
+            return sum(left) * elapsed / sum(planned)
+        return elapsed / len(self.done) * len(self.todo) if self.done else None
+
+    def line(self, job: Job, status: str) -> str:
+        elapsed = time.time() - self.t0
+        return (
+            f"[{len(self.done)}/{self.total}] {job.name}: {status}; elapsed {fmt_s(elapsed)}, "
+            f"ETA {fmt_s(self.eta()) if self.todo else 'done'}"
+        )
+
+
+def sweep_dir(study: str, budget: str, overrides: list[str]) -> Path:
+    """Where `peft-train -m experiment=<study> budget=<budget> <overrides>` puts its jobs: Hydra's
+    own `hydra.sweep.dir` for that command (`sweep_root`, `hydra.sweep.dir=...` or any override
+    that moves it), so the report is read from where the runs went."""
+    cfg = compose([f"experiment={study}", f"budget={budget}", *overrides], hydra_config=True)
+    return Path(str(cfg.hydra.sweep.dir))
+
+
+def plan_options(argv: list[str]) -> tuple[bool | None, list[Path], list[str]]:
+    """(`plan=true` / `--dry-run`: True, the plan only; `plan=false`: False, no plan and no progress
+    lines; else None), the folders of measured runs (`plan_from=`), and the other arguments."""
+    plan, sources, rest = None, [], []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if arg == "--dry-run":
+            plan = True
+        elif key == "plan":
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"plan={value!r}: expected true or false")
+            plan = value.lower() == "true"
+        elif key == "plan_from":
+            sources.append(Path(value))
+        else:
+            rest.append(arg)
+    return plan, sources, rest
+
+
+def print_plan(jobs: list[Job], costs: Costs, extra: list[str] | None = None) -> None:
+    print("plan:\n" + describe(jobs, costs, extra), flush=True)
+
+
+def tuned_jobs(budget: str, rest: list[str]) -> tuple[list[Job], str]:
+    """The search's jobs, and the final runs' (one per strategy and seed, at an lr the search picks:
+    their folders are known once they run), priced like the search's jobs of their strategy."""
+    cfg = compose([f"budget={budget}", *rest])
+    strategies, seeds = list(cfg.tune.strategies), list(cfg.budget.seeds)
+    search = study_jobs("tune_lr", budget, [f"seed={seeds[0]}", *rest])
+    final_dir = sweep_dir("tuned", budget, rest)
+    epochs = int(compose(["experiment=tuned", f"budget={budget}", *rest]).trainer.max_epochs)
+    final = []
+    for name in strategies:
+        for seed in seeds:
+            job = Job("tuned", [], final_dir / f"adapter={name},seed={seed}", name, epochs)
+            job.pattern = f"adapter={name},optim.tuned_lr=*,seed={seed}"
+            done = [f for f in job.folders() if run_state(f) == "complete"]
+            job.state = "complete" if done else "to run"
+            final.append(job)
+    note = f"  tuned: {len(search)} search jobs, then {len(final)} final runs at the lr each strategy's search picks"
+    return search + final, note

@@ -1,0 +1,116 @@
+"""Studies share runs: a job whose training config equals a complete run's under the sweep root is
+taken from that run, not trained again.
+
+The five paper studies overlap: main's LoRA r=8 is lora_rank's r=8, main's prefix P=4 with its
+MLP is prefix_length's P=4 and prefix_mlp's MLP row at P=4. `training_identity` is a run's
+resolved config less what does not change what it trains and writes (its study and folder, the
+loggers, the checkpoints it keeps, the feature cache, ...). A job with the identity of a complete
+run elsewhere under `sweep_root` gets that run's results.json (its own name, study and config, and
+`shared_from`: the source's folder, relative to the sweep root) and a copy of its predictions, so
+every study it belongs to reports it; its checkpoints stay in the source (`load_run` follows the
+reference). `force=true` trains it anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+from peft_lightning.files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# top-level keys that do not change what a run trains or writes
+IGNORED = {
+    "study",
+    "output_dir",
+    "overrides",
+    "run_name",
+    "sweep_root",
+    "force",
+    "ckpt_path",
+    "raise_errors",
+    "checkpoints",
+    "feature_cache",
+    "logger",
+    "gpus",
+    "report",
+    "tune",
+    "budget",
+    "plan",
+}
+IGNORED_DATA = {"cache_dir", "num_workers"}
+IGNORED_TRAINER = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
+
+
+def training_identity(config: dict) -> dict:
+    """What makes two runs the same run (see the module doc)."""
+    out = {k: v for k, v in config.items() if k not in IGNORED}
+    if isinstance(out.get("data"), dict):
+        out["data"] = {k: v for k, v in out["data"].items() if k not in IGNORED_DATA}
+    if isinstance(out.get("trainer"), dict):
+        out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in IGNORED_TRAINER}
+    return out
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def complete_runs(root: Path) -> list[tuple[Path, dict]]:
+    """(folder, results) of the complete, trained (not themselves shared) runs under root."""
+    runs = []
+    for path in sorted(root.rglob("results.json")) if root.is_dir() else []:
+        res = _read(path)
+        if res and res.get("status") == "complete" and not res.get("shared_from") and "config" in res:
+            runs.append((path.parent, res))
+    return runs
+
+
+def find_shared(config: dict, run_dir: Path, root: Path, runs: list | None = None) -> tuple[Path, dict] | None:
+    """A complete run under `root`, other than `run_dir`, with `config`'s training identity."""
+    if not _inside(run_dir, root):
+        return None
+    want = training_identity(config)
+    for folder, res in complete_runs(root) if runs is None else runs:
+        if folder.resolve() != run_dir.resolve() and training_identity(res["config"]) == want:
+            return folder, res
+    return None
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def take_shared(run_dir: Path, root: Path, source: Path, res: dict, meta: dict) -> dict:
+    """Make `run_dir` the shared copy of the run in `source`: its predictions, then its results.json
+    (last, so that a kill in between leaves a run that is not complete, and taken again)."""
+    for folder in ("predictions", "csv"):
+        if (source / folder).is_dir():
+            shutil.copytree(source / folder, run_dir / folder, dirs_exist_ok=True)
+    out = {**res, **{k: meta[k] for k in ("run_name", "study", "overrides", "config") if k in meta}}
+    out["shared_from"] = str(source.resolve().relative_to(root.resolve()))
+    atomic_write_text(run_dir / "results.json", json.dumps(out, indent=2, default=float))
+    log.info("%s: taken from %s (the same training config; force=true trains it anew)", run_dir, source)
+    return out
+
+
+def source_dir(run_dir: Path, res: dict) -> Path:
+    """The folder that holds a run's checkpoints: its own, or its source's when it is shared."""
+    shared = res.get("shared_from")
+    if not shared:
+        return run_dir
+    root = Path(run_dir).resolve()
+    for parent in root.parents:  # the sweep root is the ancestor the reference is relative to
+        if (parent / shared / "results.json").is_file():
+            return parent / shared
+    return run_dir

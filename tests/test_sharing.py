@@ -1,0 +1,92 @@
+"""Studies share runs: a job with a complete run's training config is taken from it, trained once."""
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from conftest import compose, tiny_overrides
+
+from peft_lightning import load_run
+from peft_lightning.plan import Costs, Job, describe, share_within
+from peft_lightning.report import build_report
+from peft_lightning.sharing import training_identity
+from peft_lightning.train import train
+
+
+def job(tiny_model_dir, data_dir, root, study, name, *extra):
+    args = tiny_overrides(tiny_model_dir, data_dir, root / study / name, "adapter=lora", "adapter.rank=2", *extra)
+    return train(compose([*args, f"study={study}", f"sweep_root={root}", f"data.cache_dir={root.parent / 'cache'}"]))
+
+
+def test_a_job_with_another_studys_training_config_is_taken_not_retrained(
+    tiny_model_dir, data_dir, tmp_path, monkeypatch
+):
+    root = tmp_path / "multirun"
+    fits = []
+    real_fit = L.Trainer.fit
+    monkeypatch.setattr(L.Trainer, "fit", lambda self, *a, **k: fits.append(1) or real_fit(self, *a, **k))
+    first = job(tiny_model_dir, data_dir, root, "main", "lora")
+    taken = job(tiny_model_dir, data_dir, root, "lora_rank", "rank2")
+    assert len(fits) == 1  # trained once
+    shared = root / "lora_rank" / "rank2"
+    assert taken["status"] == "complete" and taken["shared_from"] == "main/lora"
+    assert taken["study"] == "lora_rank" and taken["run_name"] == "rank2"
+    assert taken["best"] == first["best"] and taken["history"] == first["history"]
+    on_disk = json.loads((shared / "results.json").read_text())
+    assert on_disk["shared_from"] == "main/lora" and on_disk["config"]["study"] == "lora_rank"
+    for path in sorted((root / "main" / "lora" / "predictions").glob("*.tsv")):
+        assert (shared / "predictions" / path.name).read_bytes() == path.read_bytes()
+    assert not (shared / "checkpoints").exists()  # they stay in the source; load_run follows the reference
+    mine, theirs = load_run(shared), load_run(root / "main" / "lora")
+    for (k, a), (_, b) in zip(mine.model.state_dict().items(), theirs.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    # both studies report it; the cost table counts it once
+    text = build_report(root).read_text()
+    assert "## Main comparison" in text and "## LoRA rank" in text
+    assert "1 trained, 1 more taken from another study's run with the same training config" in text
+    # another seed is another run; force=true trains a shared job anew
+    job(tiny_model_dir, data_dir, root, "lora_rank", "rank2-seed7", "seed=7")
+    assert len(fits) == 2
+    forced = job(tiny_model_dir, data_dir, root, "lora_rank", "rank2", "force=true")
+    assert len(fits) == 3 and "shared_from" not in forced
+
+
+def test_training_identity_leaves_out_what_does_not_change_a_run(tiny_model_dir, data_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    def ident(*extra):
+        cfg = compose(tiny_overrides(tiny_model_dir, data_dir, tmp_path, *extra))
+        return training_identity(OmegaConf.to_container(cfg, resolve=True))
+
+    base = ident()
+    assert ident("study=other", "checkpoints=none", "feature_cache=false", "logger=none") == base
+    assert ident("data.cache_dir=/elsewhere", "trainer.enable_progress_bar=true") == base
+    for changed in ("seed=3", "adapter.rank=4", "trainer.max_epochs=2", "predict=false", "data.score_dev=every_epoch"):
+        assert ident(changed) != base, changed
+
+
+def test_the_plan_shares_a_later_job_with_an_earlier_one_and_counts_every_job(tmp_path):
+    config = {"seed": 1, "adapter": {"rank": 8}, "study": "main"}
+    jobs = [
+        Job("main", [], tmp_path / "main" / "adapter=lora", "lora", 3, config=dict(config)),
+        Job("lora_rank", [], tmp_path / "lora_rank" / "adapter.rank=8", "lora", 3, config={**config, "study": "x"}),
+        Job("lora_rank", [], tmp_path / "lora_rank" / "adapter.rank=4", "lora", 3, config={**config, "adapter": {}}),
+    ]
+    share_within(jobs)
+    assert [j.state for j in jobs] == ["to run", "shared", "to run"] and jobs[1].source == jobs[0].run_dir
+    text = describe(jobs, Costs([]))
+    assert "3 jobs: 1 shared, 2 to run" in text and "with no measured run of their strategy" in text
+
+
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_the_estimate_scales_the_measured_cost_of_a_strategy_with_epochs(tmp_path, epochs):
+    run = tmp_path / "runs" / "a"
+    run.mkdir(parents=True)
+    timing = {"startup": 5.0, "train": 20.0, "validation": 4.0, "checkpoint": 0.0, "predict": 3.0, "write": 0.0}
+    res = {"status": "complete", "adapter": {"name": "lora"}, "history": [{}, {}], "wall_time_s": 33.0}
+    (run / "results.json").write_text(json.dumps({**res, "timing": timing, "config": {}}))
+    costs = Costs([tmp_path / "runs"])
+    est = costs.estimate(Job("main", [], tmp_path / "x", "lora", epochs))
+    assert est == pytest.approx(9.0 + 12.0 * epochs)  # 24 s over 2 epochs, 9 s once
+    assert costs.estimate(Job("main", [], tmp_path / "x", "full", epochs)) is None
