@@ -28,6 +28,13 @@ def conf_dir() -> str:
     raise FileNotFoundError(f"no conf/train.yaml next to {here}")
 
 
+def check_budget(budget: str, prog: str) -> None:
+    """An unknown `budget=` stops a command at once, with the budgets there are."""
+    known = sorted(p.stem for p in (Path(conf_dir()) / "budget").glob("*.yaml"))
+    if budget not in known:
+        raise SystemExit(f"{prog}: budget={budget!r} is unknown; budgets: {', '.join(known)}")
+
+
 def _run_name(dirname: str) -> str:
     """A run folder's name: the job's overrides (`a=1,b=2`). Over 200 bytes it is cut after a whole
     override and ends in `sha1=<10 hex>` of the full name, so the same overrides name the same folder
@@ -51,7 +58,18 @@ def _wandb_mode(mode: str) -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_key else "offline")
 
 
+def _ray_gpus(address: str | None) -> int:
+    """GPUs a Ray job asks for: one on a cluster (`ray.init.address` set); on a local Ray, one if
+    this machine has a GPU and none if not (a GPU request on a machine without one waits forever)."""
+    if address not in (None, "", "null"):
+        return 1
+    import torch  # only when a Ray sweep resolves its launcher config
+
+    return 1 if torch.cuda.is_available() else 0
+
+
 OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
+OmegaConf.register_new_resolver("ray_gpus", _ray_gpus, replace=True)
 OmegaConf.register_new_resolver("wandb_mode", _wandb_mode, replace=True)
 OmegaConf.register_new_resolver("join", lambda xs: ",".join(str(x) for x in xs), replace=True)
 

@@ -26,13 +26,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from peft_lightning.api import RunModel, load_run
 from peft_lightning.backbone import resolve_source
+from peft_lightning.files import dir_mode, file_mode
 
 
 class ExportError(ValueError):
@@ -142,9 +146,48 @@ def export_heads(run: RunModel, out: Path) -> None:
     (out / "heads.json").write_text(json.dumps(spec, indent=2) + "\n")
 
 
-def export(run_dir: str | Path, out: str | Path, merged: bool = False, checkpoint: str = "best") -> Path:
-    """Export a run (see the module doc); returns the folder written."""
+def check_out(out: Path, force: bool) -> None:
+    """An export goes into a new or empty folder (`force`: one whose files it replaces, all of them)."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ExportError(
+            f"--out {out} is not empty ({len(list(out.iterdir()))} entries); an export there would mix with "
+            "them: give a new folder, or --force to replace its contents"
+        )
+    parent = out.parent if out.parent != Path("") else Path(".")
+    probe = parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise ExportError(f"--out {out}: {probe} cannot be written")
+
+
+def export(
+    run_dir: str | Path, out: str | Path, merged: bool = False, checkpoint: str = "best", force: bool = False
+) -> Path:
+    """Export a run (see the module doc) into `out`, a new or empty folder (or, with `force`, one
+    whose contents it replaces); returns the folder written. The files are written into a temporary
+    folder beside `out` and moved into place at the end: a failed export leaves `out` as it was."""
     out = Path(out)
+    check_out(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    try:
+        _export(run_dir, staging, merged, checkpoint)
+        os.chmod(staging, dir_mode())
+        for f in staging.iterdir():
+            os.chmod(f, file_mode())  # safetensors writes 0600: every file as a plainly created one
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out
+
+
+def _export(run_dir: str | Path, out: Path, merged: bool, checkpoint: str) -> None:
     run = load_run(run_dir, checkpoint)
     name = run.model.adapter.name
     if not merged and not hasattr(run.model.adapter, "peft_config"):
@@ -155,7 +198,6 @@ def export(run_dir: str | Path, out: str | Path, merged: bool = False, checkpoin
                 "prefixes give other hidden states; and prefixes do not merge into weights"
             )
         merged = True  # full fine-tuning and frozen: the weights themselves
-    out.mkdir(parents=True, exist_ok=True)
     if merged:
         export_merged(run, out)
     else:
@@ -170,7 +212,6 @@ def export(run_dir: str | Path, out: str | Path, merged: bool = False, checkpoin
         "tasks": run.tasks,
     }
     (out / "peft_lightning.json").write_text(json.dumps(meta, indent=2) + "\n")
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -179,9 +220,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--merged", action="store_true", help="a plain BertModel folder with the adapter merged in")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     args = p.parse_args(argv)
     try:
-        out = export(args.run_dir, args.out, args.merged, args.checkpoint)
+        out = export(args.run_dir, args.out, args.merged, args.checkpoint, args.force)
     except ImportError as err:
         print(f"peft-export: {err} (PEFT's format needs peft: pip install peft)", file=sys.stderr)
         return 2

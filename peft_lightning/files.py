@@ -15,11 +15,20 @@ from pathlib import Path
 from typing import IO
 
 
-def file_mode() -> int:
-    """The mode a plainly created file gets (0o666 less the umask): mkstemp's files are 0o600."""
+def _umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
+
+
+def file_mode() -> int:
+    """The mode a plainly created file gets (0o666 less the umask): mkstemp's files are 0o600."""
+    return 0o666 & ~_umask()
+
+
+def dir_mode() -> int:
+    """The mode a plainly created folder gets (0o777 less the umask): mkdtemp's are 0o700."""
+    return 0o777 & ~_umask()
 
 
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:

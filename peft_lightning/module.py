@@ -25,6 +25,10 @@ EVAL_SPLITS = ("dev", "select", "train_eval")
 STAGE = {"dev": "val", "select": "select", "train_eval": "train_eval"}  # the logged keys' prefix
 
 
+class DivergedError(RuntimeError):
+    """A non-finite training loss or evaluation score: the run stops as failed, at that step."""
+
+
 def task_metrics(task: str) -> tm.MetricCollection:
     t = TASKS[task]
     if t.is_regression:
@@ -123,9 +127,19 @@ class MultiTaskModule(L.LightningModule):
             every = trainer.log_every_n_steps
             if every == 0 or ((trainer.global_step + 1) % every != 0 and not trainer.should_stop):
                 return
-        for key, (s, n) in self._loss_sums.items():
+        sums, self._loss_sums = self._loss_sums, {}
+        self._check_finite(sums)
+        for key, (s, n) in sums.items():
             self.log(key, s / n, prog_bar=key != "train/loss", batch_size=1)
-        self._loss_sums = {}
+
+    def _check_finite(self, sums: dict) -> None:
+        """A non-finite loss since the last check stops the run (one host sync per logging step and epoch)."""
+        total = sums.get("train/loss")
+        if total is not None and not torch.isfinite(total[0]):
+            raise DivergedError(f"diverged at step {self.global_step + 1}: the train loss is {float(total[0]):g}")
+
+    def on_train_epoch_end(self) -> None:
+        self._check_finite(self._loss_sums)  # an epoch shorter than the logging interval is checked too
 
     def validation_step(self, batch: dict[str, dict], batch_idx: int, dataloader_idx: int = 0) -> None:
         for task, out in self(batch).items():

@@ -13,6 +13,7 @@ and prints one line per finished job: k of N, elapsed, ETA.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import sys
 import threading
@@ -20,6 +21,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hydra._internal.core_plugins.basic_sweeper import BasicSweeper  # how Hydra's own sweeper expands jobs
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from peft_lightning.config import compose
@@ -37,12 +41,13 @@ class Job:
     estimate_s: float | None = None
     source: Path | None = None  # the run a shared job is taken from
     config: dict = field(default_factory=dict, repr=False)
-    pattern: str | None = None  # a job whose folder is known only once it runs (peft-tune's final runs): a glob
+    pattern: str | None = None  # a job whose folder is known only once it runs (peft-tune's final runs): a regex
 
     def folders(self) -> list[Path]:
         if self.pattern is None:
             return [self.run_dir]
-        return sorted(self.run_dir.parent.glob(self.pattern)) if self.run_dir.parent.is_dir() else []
+        parent = self.run_dir.parent
+        return sorted(p for p in parent.iterdir() if re.fullmatch(self.pattern, p.name)) if parent.is_dir() else []
 
     @property
     def name(self) -> str:
@@ -52,9 +57,6 @@ class Job:
 def job_overrides(study: str, budget: str, rest: list[str]) -> list[list[str]]:
     """Each job's overrides, as Hydra's basic sweeper makes them from the experiment's sweep
     params and the command line."""
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     cfg = compose([f"experiment={study}", f"budget={budget}", *rest], hydra_config=True)
     params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=True) or {}
     arguments = [f"{k}={v}" for k, v in params.items()] + [f"experiment={study}", f"budget={budget}", *rest]
@@ -101,8 +103,6 @@ def share_within(jobs: list[Job]) -> list[Job]:
 
 
 def adapter_name(cfg) -> str:
-    from hydra.utils import get_class
-
     try:
         return get_class(cfg.adapter._target_).name
     except Exception:  # a plan must not fail on an adapter it cannot import
@@ -309,7 +309,7 @@ def tuned_jobs(budget: str, rest: list[str]) -> tuple[list[Job], str]:
     for name in strategies:
         for seed in seeds:
             job = Job("tuned", [], final_dir / f"adapter={name},seed={seed}", name, epochs)
-            job.pattern = f"adapter={name},optim.tuned_lr=*,seed={seed}"
+            job.pattern = rf"adapter={re.escape(name)},(.*,)?seed={seed}(,.*)?"
             done = [f for f in job.folders() if run_state(f) == "complete"]
             job.state = "complete" if done else "to run"
             final.append(job)

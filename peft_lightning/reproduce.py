@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from peft_lightning.config import compose
+from peft_lightning.config import check_budget, compose
 from peft_lightning.plan import (
     Costs,
     Progress,
@@ -54,6 +54,7 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
             ]
         else:
             rest.append(arg)
+    check_budget(budget, "peft-reproduce")
     unknown = [s for s in studies if s not in PAPER_STUDIES + BEYOND + ["tuned"]]
     if unknown:
         raise SystemExit(f"peft-reproduce: unknown studies {unknown}; known: {PAPER_STUDIES + BEYOND}")

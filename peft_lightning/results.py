@@ -124,6 +124,22 @@ def best_epoch(history: list[dict]) -> dict | None:
     return max(scored, key=selection_score) if scored else None
 
 
+def restore_best_score(trainer, history: list[dict]) -> None:
+    """A resumed run whose folder was moved or copied: Lightning reloads the best score only when the
+    checkpoint's folder has the same path, and would otherwise let the next epoch overwrite best.ckpt
+    with a worse one. The score comes from the record (results.json's history) instead."""
+    best = best_epoch(history)
+    for cb in trainer.checkpoint_callbacks:
+        if cb.monitor is None or best is None or cb.best_model_score is not None or cb.dirpath is None:
+            continue
+        path = Path(cb.dirpath) / f"{cb.filename}.ckpt"
+        if path.is_file():
+            score = torch.tensor(selection_score(best), dtype=torch.float64)
+            cb.best_model_path = cb.kth_best_model_path = str(path)
+            cb.best_model_score = cb.kth_value = score
+            cb.best_k_models = {str(path): score}
+
+
 class Clock:
     """Seconds spent in each part of a run, summed over its processes (a resume adds to them).
 
@@ -186,6 +202,8 @@ class ResultsWriter(L.Callback):
         self._elapsed_before = 0.0
         self.status = "running"
         self.extra: dict = {}
+        # the record of the run this process resumes (set by peft-train when it resumes one)
+        self.resumed_from: dict | None = None
 
     def on_fit_start(self, trainer, pl_module) -> None:
         self._fit_t0 = time.perf_counter()
@@ -202,6 +220,9 @@ class ResultsWriter(L.Callback):
         self.meta["params"] = pl_module.model.param_counts()
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        restore_best_score(trainer, pl_module.history)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._epoch_t0, self._epoch_step0 = time.perf_counter(), trainer.global_step
@@ -258,11 +279,21 @@ class ResultsWriter(L.Callback):
         with self.clock.part("write"):
             return self._write(trainer, pl_module, status, **extra)
 
+    def _keep_record(self, status: str, **extra) -> dict:
+        """A resume that failed before its checkpoint was restored: the record it resumed from stays,
+        with the failure beside it (never an empty history over an interrupted run's epochs)."""
+        out = {**self.resumed_from, "status": status, **extra}
+        out["resume_failed"] = extra.get("error", status)
+        atomic_write_text(self.path, json.dumps(out, indent=2, default=float))
+        return out
+
     def _write(self, trainer, pl_module, status: str | None = None, **extra) -> dict:
         if status:
             self.status = status
         self.extra.update(extra)
         history = list(getattr(pl_module, "history", []))
+        if not history and status in ("failed", "interrupted") and self.resumed_from:
+            return self._keep_record(status, **extra)
         best = best_epoch(history)
         self.clock.seconds["train"] = self.train_s
         out = {

@@ -32,7 +32,7 @@ from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
 from peft_lightning.features import FrozenFeatures
 from peft_lightning.files import atomic_write_text
 from peft_lightning.gpus import gpu_slot
-from peft_lightning.module import MultiTaskModule, average, score_predictions
+from peft_lightning.module import DivergedError, MultiTaskModule, average, score_predictions
 from peft_lightning.quiet import quiet
 from peft_lightning.results import (
     Clock,
@@ -189,6 +189,8 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         previous = (read_results(run_dir) or {}).get("wandb_id") if ckpt else None
         meta["wandb_id"] = previous or uuid.uuid4().hex[:16]
     writer = ResultsWriter(run_dir, meta, t0=t0)
+    if ckpt:
+        writer.resumed_from = read_results(run_dir)
     checkpoints_kept(cfg)  # the option checked before anything trains
     ckpt_cb = ModelCheckpoint(  # best.ckpt: the trained weights of the best epoch, no optimizer state
         dirpath=run_dir / "checkpoints",
@@ -423,7 +425,7 @@ def main(cfg: DictConfig) -> float | None:
         raise
     except Exception as err:
         record_failure(cfg, err)
-        known = isinstance(err, (DataError, ValueError, FileNotFoundError))
+        known = isinstance(err, (DataError, ValueError, FileNotFoundError, DivergedError))
         if known and process_rank() != 0:  # the same config or data error stops rank 0, which says it
             sys.exit(2)
         where = Path(cfg.output_dir) / "results.json"
@@ -433,7 +435,7 @@ def main(cfg: DictConfig) -> float | None:
             log.debug(traceback.format_exc())
             return None
         if known and not cfg.get("raise_errors"):
-            sys.exit(2)
+            sys.exit(1 if isinstance(err, DivergedError) else 2)
         raise
     if process_rank() == 0 and result:
         log.info("%s", summary(result, cfg.output_dir))

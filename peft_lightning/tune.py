@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from peft_lightning.config import compose
+from peft_lightning.config import check_budget, compose
 from peft_lightning.optim import TUNED_ROLE
 from peft_lightning.plan import Costs, Progress, fmt_s, plan_options, print_plan, sweep_dir, tuned_jobs
 from peft_lightning.reproduce import report_and_exit
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     plan_only, sources, argv = plan_options(argv)
     budget, rest = parse(argv)
+    check_budget(budget, "peft-tune")
     cfg = composed(budget, rest)
     strategies, seeds = list(cfg.tune.strategies), list(cfg.budget.seeds)
     progress = None

@@ -66,6 +66,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path):
         "adapter=lora",
         "data.limit_train=160",
         "data.limit_eval=64",
+        "data.score_dev=every_epoch",  # dev in validation, as the single process below validates it
         "trainer.max_epochs=1",
         *DDP,
         f"data.cache_dir={tmp_path / 'cache'}",

@@ -134,6 +134,34 @@ def test_prefix_is_not_exportable_to_peft_and_says_why(tiny_model_dir, data, tmp
         export(tmp_path / "run", tmp_path / "export")
     with pytest.raises(ExportError, match="no weights to merge"):
         export(tmp_path / "run", tmp_path / "export", merged=True)
+    assert not (tmp_path / "export").exists()  # a failed export leaves nothing behind
+    assert not list(tmp_path.glob(".export.*"))
+
+
+def test_export_refuses_a_non_empty_folder_and_force_replaces_it_whole(tiny_model_dir, data, tmp_path, capsys):
+    import os
+    import stat
+
+    from peft_lightning.export import main as export_main
+
+    train_tiny(tiny_model_dir, data, tmp_path / "run", "adapter=full")
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "stale.safetensors").write_text("an older export's file")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert export_main([str(tmp_path / "run"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} is not empty (1 entries)" in err and "--force to replace its contents" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+    assert export_main([str(tmp_path / "run"), "--out", str(out), "--force"]) == 0
+    names = {p.name for p in out.iterdir()}
+    assert "stale.safetensors" not in names and "model.safetensors" in names  # replaced, not mixed
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~umask}  # safetensors too
+    (tmp_path / "a_file").write_text("x")
+    assert export_main([str(tmp_path / "run"), "--out", str(tmp_path / "a_file")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
 
 
 def read_tsv(path) -> list[list[str]]:

@@ -357,7 +357,10 @@ def test_kill_9_mid_write_then_rerun_completes_with_whole_files(kill, uninterrup
     rerun = _cli(args, tmp_path)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     res = json.loads((run / "results.json").read_text())
-    assert res["status"] == "complete" and [h["dev"] for h in res["history"]] == [h["dev"] for h in ref["history"]]
+    assert res["status"] == "complete" and [h["select"] for h in res["history"]] == [
+        h["select"] for h in ref["history"]
+    ]
+    assert res["best"]["dev"] == ref["best"]["dev"]
     assert _whole_files(run) == expected
 
 
@@ -418,3 +421,58 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_runs_nothing(
         assert "last.ckpt: refused: it holds objects other than tensors" in said.out + said.err
         assert (run / "results.json").read_bytes() == results_before  # the interrupted run's record kept
     assert not marker.exists()  # the payload never ran
+
+
+def test_a_diverged_run_stops_as_failed_at_its_step(tiny_model_dir, tmp_path, monkeypatch, capfd):
+    data = make_data_dir(tmp_path / "data")
+    args = base_args(tiny_model_dir, data, tmp_path, "adapter=full", "optim.lr=1e30", "optim.head_lr=1e30")
+    capfd.readouterr()
+    assert run_main(args, monkeypatch) == 1
+    err = "".join(capfd.readouterr())
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["status"] == "failed" and res["error"].startswith("DivergedError: diverged at step ")
+    assert "run failed: DivergedError: diverged at step" in err and "Traceback" not in err
+    assert not (tmp_path / "run" / "predictions").exists()  # no predictions of a diverged model
+
+
+def test_last_checkpoint_is_the_last_epoch_when_the_best_is_an_earlier_one(tiny_model_dir, tmp_path, monkeypatch):
+    """With nothing learning (every lr 1e-30: below fp32 resolution), epoch 1 stays the best: last.ckpt must still be epoch 3's."""
+    data = make_data_dir(tmp_path / "data")
+    lrs = ("optim.lr=1e-30", "optim.adapter_lr=1e-30", "optim.head_lr=1e-30")
+    args = base_args(tiny_model_dir, data, tmp_path, "trainer.max_epochs=3", "checkpoints=last", *lrs)
+    assert run_main(args, monkeypatch) == 0
+    res = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert res["best"]["epoch"] == 1 and len(res["history"]) == 3
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    best = torch.load(tmp_path / "run" / "checkpoints" / "best.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == res["steps"]  # epoch 3 (0-based 2), every step
+    assert best["epoch"] == 0 and "optimizer_states" in last and "optimizer_states" not in best
+
+
+def test_a_resume_that_fails_keeps_the_record_it_resumed_from(finished_run, monkeypatch, capfd):
+    args, run = finished_run
+    before = json.loads((run / "results.json").read_text())
+    assert run_main([*args, "adapter=prefix"], monkeypatch) == 2  # another strategy pointed at the folder
+    after = json.loads((run / "results.json").read_text())
+    assert after["status"] == "failed" and "checkpoint does not match" in after["error"]
+    assert after["resume_failed"] == after["error"]
+    assert after["history"] == before["history"] and after["best"] == before["best"] and len(after["history"]) == 2
+    assert after["predictions"] == before["predictions"]
+
+
+def test_a_moved_run_resumes_with_its_best_epoch_and_its_best_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    """Nothing learns (every lr 1e-30: below fp32 resolution): epoch 1 stays the best through the resume in a moved folder."""
+    data = make_data_dir(tmp_path / "data")
+    lrs = ("optim.lr=1e-30", "optim.adapter_lr=1e-30", "optim.head_lr=1e-30", "checkpoints=last")
+    assert run_main(base_args(tiny_model_dir, data, tmp_path, "trainer.max_epochs=2", *lrs), monkeypatch) == 0
+    run = tmp_path / "run"
+    res = json.loads((run / "results.json").read_text())
+    res["status"] = "running"  # as after a kill at the end of epoch 2
+    (run / "results.json").write_text(json.dumps(res))
+    moved = tmp_path / "moved"
+    shutil.copytree(run, moved / "run")
+    shutil.rmtree(run)
+    assert run_main(base_args(tiny_model_dir, data, moved, "trainer.max_epochs=3", *lrs), monkeypatch) == 0
+    res = json.loads((moved / "run" / "results.json").read_text())
+    assert res["status"] == "complete" and len(res["history"]) == 3 and res["best"]["epoch"] == 1
+    assert torch.load(moved / "run" / "checkpoints" / "best.ckpt", weights_only=True)["epoch"] == 0  # epoch 1's

@@ -85,6 +85,7 @@ def test_selection_never_reads_dev_labels(tiny_model_dir, data_dir, tmp_path):
         for lr in (1e-4, 3e-2):
             out = tmp_path / name / f"lr-{lr:g}"
             extra = ("adapter=lora", "adapter.rank=2", "trainer.max_epochs=3", f"optim.tuned_lr={lr:g}", "seed=3")
+            extra += ("data.score_dev=every_epoch",)  # dev in every epoch's record, to show it changed
             runs.setdefault(name, []).append(train(compose(tiny_overrides(tiny_model_dir, folder, out, *extra))))
     for real, noise in zip(runs["real"], runs["noisy"]):
         assert real["best"]["epoch"] == noise["best"]["epoch"]

@@ -90,3 +90,14 @@ def test_the_estimate_scales_the_measured_cost_of_a_strategy_with_epochs(tmp_pat
     est = costs.estimate(Job("main", [], tmp_path / "x", "lora", epochs))
     assert est == pytest.approx(9.0 + 12.0 * epochs)  # 24 s over 2 epochs, 9 s once
     assert costs.estimate(Job("main", [], tmp_path / "x", "full", epochs)) is None
+
+
+def test_an_unknown_budget_stops_reproduce_and_tune_at_once(capsys):
+    from peft_lightning.reproduce import main as reproduce
+    from peft_lightning.tune import main as tune
+
+    for main, prog in ((reproduce, "peft-reproduce"), (tune, "peft-tune")):
+        with pytest.raises(SystemExit, match=rf"{prog}: budget='smoek' is unknown; budgets: cpu, paper, quick, smoke"):
+            main(["budget=smoek", "plan=true"])
+    with pytest.raises(SystemExit, match="plan='maybe': expected true or false"):
+        reproduce(["budget=smoke", "plan=maybe"])
