@@ -162,10 +162,12 @@ class FrozenFeatures(L.Callback):
     Args:
         folder: the cache folder.
         clock: a `results.Clock`, whose `features` part gets the time this takes.
+        skip: splits not to compute (test, when the run writes no test predictions); their batches
+            keep their token ids.
     """
 
-    def __init__(self, folder: str | Path, clock=None):
-        self.folder, self.clock = Path(folder), clock
+    def __init__(self, folder: str | Path, clock=None, skip: tuple[str, ...] = ()):
+        self.folder, self.clock, self.skip = Path(folder), clock, skip
 
     def on_fit_start(self, trainer, pl_module) -> None:
         dm = trainer.datamodule
@@ -174,7 +176,8 @@ class FrozenFeatures(L.Callback):
         pl_module.model.eval()
         cache = FeatureCache(self.folder, pl_module.model, dm.eval_batch_size, dm.pad_id)
         for split in dm.splits.values():
-            split.features = cache.features(split)
+            if split.split not in self.skip:
+                split.features = cache.features(split)
         pl_module.model.train(was_training)
         seconds = time.perf_counter() - start
         if self.clock is not None:

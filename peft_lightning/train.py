@@ -301,7 +301,7 @@ def feature_callbacks(cfg: DictConfig, module: MultiTaskModule, dm: MultiTaskDat
     """A frozen encoder's vectors computed once and cached (`feature_cache=true`, the default)."""
     if not (module.model.adapter.freeze_encoder and cfg.get("feature_cache", True)):
         return []
-    return [FrozenFeatures(dm.cache_dir / "features", clock)]
+    return [FrozenFeatures(dm.cache_dir / "features", clock, skip=() if cfg.predict else ("test",))]
 
 
 CHECKPOINTS = {"best": ("best.ckpt",), "last": ("best.ckpt", "last.ckpt"), "none": ()}
