@@ -7,7 +7,7 @@ the share of it spent outside training, and the ratio of the two wall times. The
 runs twice at this tree: with an empty feature cache (the first run of a study) and with the
 cache the first filled (every later frozen run of the same rows). A benchmark, not a test.
 
-    python -m peft_lightning.cost_bench --data ../shared/data --base d1aacba --out cost.jsonl
+    python -m peft_lightning.cost_bench --data /path/to/data --base d1aacba --out cost.jsonl
 """
 
 from __future__ import annotations

@@ -64,6 +64,9 @@ class FeatureCache:
         self.folder, self.model, self.batch_size, self.pad_id = Path(folder), model, batch_size, pad_id
         self.digest = encoder_digest(model)
         self.computed = 0  # sentences encoded by this process (the rest came from disk)
+        # entries read or written by this process, by path: the train, select and train_eval splits
+        # share one source file, which is then read and checked once, not once a split
+        self._entries: dict[Path, dict] = {}
 
     def path(self, split: EncodedSplit) -> Path:
         if not split.source_key:
@@ -73,7 +76,9 @@ class FeatureCache:
     def features(self, split: EncodedSplit) -> list[torch.Tensor]:
         """(len(split), hidden) float32 vectors, one tensor per encoder pass, in the split's row order."""
         path = self.path(split)
-        entry = self._read(path, len(split.segments))
+        if path not in self._entries:
+            self._entries[path] = self._read(path, len(split.segments))
+        entry = self._entries[path]
         source = split.source_rows.tolist()
         wanted = []  # (pass, row) pairs not in the file yet
         for k, known in enumerate(entry["segments"]):
