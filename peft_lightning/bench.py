@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from peft_lightning import checks
 from peft_lightning.adapters import DoRA, Frozen, Full, LoRA, Prefix
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.fastpath.precision import COMPILE_MODES, store_frozen_in
@@ -407,7 +408,10 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--profile-steps", type=int, default=3, help="steps to profile (with --profile)")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    try:
+        device = checks.device(args.device)
+    except ValueError as err:
+        parser.error(str(err))
     args.compile = args.compile or args.compile_mode is not None
     if args.bf16 is None:
         args.bf16 = device.type == "cuda"

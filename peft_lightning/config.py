@@ -77,9 +77,37 @@ OmegaConf.register_new_resolver("join", lambda xs: ",".join(str(x) for x in xs),
 def compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:
     """`conf/train.yaml` with `overrides`, as `peft-train <overrides>` would see it (with `hydra_config`,
     the `hydra:` node too: where a sweep would put its jobs)."""
+    from hydra.errors import HydraException
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=conf_dir(), version_base=VERSION_BASE):
-        return hydra_compose("train", list(overrides), return_hydra_config=hydra_config)
+    try:
+        with initialize_config_dir(config_dir=conf_dir(), version_base=VERSION_BASE):
+            return hydra_compose("train", list(overrides), return_hydra_config=hydra_config)
+    except HydraException as err:
+        said = [str(err).strip()]
+        cause = err.__cause__
+        if cause is not None and str(cause).strip() and str(cause).strip() not in said[0]:
+            said.append(str(cause).strip().splitlines()[0])
+        text = " ".join(line for text in said for line in text.splitlines() if line.strip())
+        raise ConfigError(text + _near_key(text)) from None
+
+
+def _near_key(message: str) -> str:
+    """ "; did you mean tune.strategies?" for Hydra's "Could not override 'tune.strategy'"."""
+    import difflib
+    import re
+
+    found = re.search(r"Could not override '([^']+)'", message)
+    if not found or "." not in found.group(1):
+        return ""
+    parent, leaf = found.group(1).rsplit(".", 1)
+    node = OmegaConf.select(train_yaml(), parent)
+    near = difflib.get_close_matches(leaf, [str(k) for k in node], n=1) if isinstance(node, DictConfig) else []
+    return f"; did you mean {parent}.{near[0]}?" if near else ""
+
+
+class ConfigError(ValueError):
+    """An override that does not compose (an unknown key or option): Hydra's message, in one line."""
 
 
 def train_yaml() -> DictConfig:

@@ -36,7 +36,8 @@ import torch
 
 from peft_lightning.api import RunModel, load_run
 from peft_lightning.backbone import resolve_source
-from peft_lightning.files import dir_mode, file_mode
+from peft_lightning.files import describe_os_error, dir_mode, file_mode
+from peft_lightning.interrupt import Interrupted, on_signals
 
 
 class ExportError(ValueError):
@@ -223,13 +224,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     args = p.parse_args(argv)
     try:
-        out = export(args.run_dir, args.out, args.merged, args.checkpoint, args.force)
+        with on_signals():  # SIGTERM / SIGINT: the staging folder removed, --out as it was
+            out = export(args.run_dir, args.out, args.merged, args.checkpoint, args.force)
+    except Interrupted as err:
+        print(f"peft-export: {err}; {args.out} left as it was", file=sys.stderr)
+        return err.exit_code
     except ImportError as err:
         print(f"peft-export: {err} (PEFT's format needs peft: pip install peft)", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError) as err:
         print(f"peft-export: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a full disk, a folder gone: named, never a traceback
+        print(f"peft-export: {describe_os_error(err)}", file=sys.stderr)
+        return 1
     print(f"exported {args.run_dir} to {out}: {', '.join(sorted(f.name for f in out.iterdir()))}")
     return 0
 

@@ -8,6 +8,7 @@ the token cache all go through it. A leaf: the standard library only.
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Callable
@@ -31,6 +32,39 @@ def dir_mode() -> int:
     return 0o777 & ~_umask()
 
 
+FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+class WriteError(OSError):
+    """A file could not be written: names the file and why ("disk full" when it is)."""
+
+    def __init__(self, code: int | None, message: str):
+        super().__init__(message)
+        self.errno = code
+
+
+def disk_full(folder: str | Path, err: BaseException | None = None) -> bool:
+    """The write failed for want of space: ENOSPC / EDQUOT, or no block left where it was going
+    (torch.save reports a full disk as a RuntimeError from its C++ writer, without the errno)."""
+    if isinstance(err, OSError) and err.errno in FULL:
+        return True
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < 1 << 20  # under 1 MiB left
+
+
+def describe_os_error(err: BaseException) -> str:
+    """`err` in one line, saying "disk full" when it is."""
+    if isinstance(err, WriteError):
+        return str(err)
+    if isinstance(err, OSError) and err.errno in FULL:
+        return f"{err.filename or 'a file'}: disk full ({err.strerror})"
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = False, fsync: bool = False) -> None:
     """Call `write(f)` on a temporary file beside `path`, then rename it to `path`.
 
@@ -42,18 +76,29 @@ def atomic_write(path: str | Path, write: Callable[[IO], None], binary: bool = F
             only of the process, then leaves the old file or the whole new one).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, file_mode())
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, file_mode())
         with os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
             write(f)
             if fsync:
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, WriteError):
+            raise
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)  # frees the space a partial write took
+        if disk_full(path.parent if path.parent.is_dir() else "/", err):
+            raise WriteError(errno.ENOSPC, f"{path}: could not be written: disk full") from err
+        if isinstance(err, OSError):
+            raise WriteError(err.errno, f"{path}: could not be written ({err.strerror or err})") from err
+        raise
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 

@@ -210,6 +210,7 @@ class Progress:
         self.todo = [j for j in jobs if j.state in ("to run", "resume", "failed", "shared")]
         self.total, self.out, self.every = len(self.todo), out, every
         self.done: list[Job] = []
+        self.status: dict[int, str] = {}  # id(job) -> how it ended
         self.t0 = time.time()
         self.before = {id(j): self._stamp(j) for j in self.todo}  # a failed job's old file is not news
         self._stop = threading.Event()
@@ -244,10 +245,19 @@ class Progress:
                     continue
                 if status == "complete":
                     break
-            if status in ("complete", "failed"):
+            if status in ("complete", "failed", "interrupted"):
                 self.todo.remove(job)
                 self.done.append(job)
+                self.status[id(job)] = status
                 print(self.line(job, status), file=self.out, flush=True)
+
+    def tally(self) -> str:
+        """ "k of N jobs complete", with how many failed, were interrupted or never ran."""
+        ended = list(self.status.values())
+        parts = [f"{ended.count(s)} {s}" for s in ("failed", "interrupted") if ended.count(s)]
+        parts += [f"{len(self.todo)} not run"] if self.todo else []
+        line = f"{ended.count('complete')} of {self.total} jobs complete"
+        return line + (f" ({', '.join(parts)})" if parts else "")
 
     def eta(self) -> float | None:
         """What is left, priced at the pace so far against the plan's estimates (else per job)."""

@@ -16,11 +16,13 @@ import sys
 import tempfile
 from pathlib import Path
 
+from peft_lightning import checks
 from peft_lightning.api import load_run
 from peft_lightning.data.readers import DataError
-from peft_lightning.files import atomic_write_text
+from peft_lightning.files import atomic_write_text, describe_os_error
+from peft_lightning.interrupt import Interrupted, on_signals
 from peft_lightning.quiet import quiet
-from peft_lightning.results import format_prediction
+from peft_lightning.results import format_prediction, read_results
 from peft_lightning.tasks import TASKS
 
 
@@ -32,14 +34,29 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="TSV file to write, or - for standard output")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--batch-size", type=int, default=None, help="default: the run's data.eval_batch_size")
+    p.add_argument("--batch-size", type=checks.positive, default=None, help="default: the run's data.eval_batch_size")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; SIGTERM / SIGINT stop it with 143 / 130 and nothing written (the output file is
+    written whole at the end, or not at all)."""
+    with on_signals():
+        try:
+            return _main(argv)
+        except Interrupted as err:
+            print(f"peft-predict: {err}; nothing was written", file=sys.stderr)
+            return err.exit_code
+
+
+def _main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     quiet()
     try:
+        checks.device(args.device)  # the options, before a model is loaded or a row read
+        if args.out != "-":
+            checks.out_file(args.out, inputs=(args.input,))
+        warn_unfinished(args.run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(args.input)
             if args.input == "-":  # read once, then validate like any file (line numbers of stdin)
@@ -56,13 +73,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.out == "-":
         sys.stdout.write(text.getvalue())
     else:
-        atomic_write_text(Path(args.out), text.getvalue())
+        try:
+            atomic_write_text(Path(args.out), text.getvalue())
+        except OSError as err:
+            print(f"peft-predict: {describe_os_error(err)}", file=sys.stderr)
+            return 1
     report = sys.stderr if args.out == "-" else sys.stdout
     print(f"{args.task}: {len(preds)} rows from {args.input} -> {args.out}", file=report)
     if split.labels is not None:
         metrics = run.metrics(args.task, preds, split.labels)
         print(json.dumps({"task": args.task, "rows": len(preds), **metrics}), file=report)
     return 0
+
+
+def warn_unfinished(run_dir: Path) -> None:
+    """A run that is not complete still predicts (its best epoch so far), with a word on stderr."""
+    res = read_results(run_dir)
+    if res is not None and res.get("status") != "complete":
+        why = f" ({res['error']})" if res.get("error") else ""
+        print(
+            f"peft-predict: warning: {run_dir} is {res.get('status', 'not complete')}{why}; "
+            "its checkpoint is the best epoch of an unfinished run",
+            file=sys.stderr,
+        )
 
 
 if __name__ == "__main__":

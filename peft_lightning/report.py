@@ -180,6 +180,10 @@ def build_report(
         f"seeds {', '.join(seeds) or '-'}.",
         "",
     ]
+    unreadable = [r for r in runs if r.get("unreadable")]
+    if unreadable:  # named here; in the tables they are failed rows
+        lines += [f"{len(unreadable)} results.json could not be used:", ""]
+        lines += [f"- `{r['error']}`" for r in unreadable] + [""]
     lines.append(
         "Scores are each run's chosen epoch (the protocol under each table says on which rows it was "
         "chosen); mean ± std over seeds where several ran; the best value of each column is in bold."

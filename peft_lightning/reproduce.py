@@ -19,12 +19,12 @@ sweeps run, a line per finished job says k of N, the time elapsed and the ETA.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from peft_lightning.config import check_budget, compose
+from peft_lightning.config import ConfigError, check_budget, compose
+from peft_lightning.interrupt import Interrupted, exit_interrupted, forward, on_signals
 from peft_lightning.plan import (
     Costs,
     Progress,
@@ -62,6 +62,19 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; SIGTERM / SIGINT are passed on to the running sweep, which records its job as
+    interrupted, and end this command with 143 / 130 (the same command resumes)."""
+    with on_signals():
+        try:
+            _main(argv)
+        except Interrupted as err:
+            exit_interrupted(err, "peft-reproduce")
+        except ConfigError as err:
+            print(f"peft-reproduce: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -105,10 +118,10 @@ def main(argv: list[str] | None = None) -> None:
                     *rest,
                 ]
             print(f"== {study}: {' '.join(cmd[2:])}", flush=True)
-            if subprocess.run(cmd).returncode != 0:
+            if forward(cmd) != 0:
                 failed.append(study)
-    print(f"{len(progress.done)} of {progress.total} jobs finished in {fmt_s(time.time() - t0)}", flush=True)
-    report_and_exit(report_root, t0, failed, "studies whose sweep process failed", budget, rest)
+    print(f"{progress.tally()} in {fmt_s(time.time() - t0)}", flush=True)
+    report_and_exit(report_root, t0, failed, "studies with a job that did not complete", budget, rest)
 
 
 def report_and_exit(root: Path, t0: float, failed: list[str], what: str, budget: str, overrides: list[str]) -> None:

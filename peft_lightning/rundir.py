@@ -34,6 +34,10 @@ class RunDirError(ValueError):
     """The run directory cannot be used as it is; the run stops before writing anything."""
 
 
+class RunDirUnavailable(RunDirError):
+    """The folder cannot be taken (in use by another command, or not writable): nothing is written there."""
+
+
 def process_rank() -> int:
     """This process's global rank from the launcher's environment (0 outside distributed runs)."""
     for key in ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK"):
@@ -50,7 +54,7 @@ def prepare_run_dir(run_dir: Path) -> None:
             pass
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise RunDirError(
+        raise RunDirUnavailable(
             f"output folder {run_dir} cannot be written ({reason}); choose another with output_dir=... "
             "(a sweep: sweep_root=... or hydra.sweep.dir=...)"
         ) from None
@@ -72,7 +76,7 @@ class RunLock:
             if err.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = self.path.read_text().strip() or "unknown"
-            raise RunDirError(
+            raise RunDirUnavailable(
                 f"run directory {self.path.parent} is in use by PID {holder} (lock {self.path}); "
                 "wait for that run to end, or stop it, and run again"
             ) from None

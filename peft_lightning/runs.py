@@ -17,17 +17,78 @@ from peft_lightning.results import RESULTS
 
 
 def load_runs(root: Path) -> list[dict]:
+    """Every results.json under `root`; one that cannot be used (not a file, not UTF-8, not JSON,
+    not an object, fields of the wrong type) is a failed row whose error names its file."""
     runs = []
     for path in sorted(root.rglob(RESULTS)):
-        try:
-            res = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            res = {"status": "failed", "error": f"unreadable results.json: {err}"}
+        res, problem = read_run(path)
+        if problem:
+            res = {"status": "failed", "error": f"{path.relative_to(root)}: {problem}", "unreadable": True}
         res["dir"] = str(path.parent.relative_to(root))
         res["path"] = str(path.parent)  # its predictions/ folder, for the paired bootstrap
         res.setdefault("study", path.parent.parent.name)
         runs.append(res)
     return runs
+
+
+# the fields a report reads, and the JSON type each must have where present (null allowed)
+FIELDS = {
+    "status": str,
+    "error": str,
+    "study": str,
+    "run_name": str,
+    "history": list,
+    "best": dict,
+    "adapter": dict,
+    "config": dict,
+    "overrides": list,
+    "predictions": dict,
+    "timing": dict,
+    "wall_time_s": (int, float),
+    "shared_from": str,
+}
+JSON_TYPE = {str: "a string", list: "a list", dict: "an object", (int, float): "a number"}
+
+
+def read_run(path: Path) -> tuple[dict, str | None]:
+    """(results, None), or ({}, what is wrong with the file)."""
+    if path.is_dir():
+        return {}, "is a folder, not a file"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as err:
+        return {}, f"cannot be read ({err.strerror or err})"
+    except UnicodeDecodeError as err:
+        return {}, f"not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start})"
+    try:
+        res = json.loads(text)
+    except json.JSONDecodeError as err:
+        return {}, f"unreadable JSON ({err.msg} at line {err.lineno} column {err.colno}; truncated?)"
+    if not isinstance(res, dict):
+        return {}, f"not a JSON object (a {type(res).__name__})"
+    for key, kind in FIELDS.items():
+        value = res.get(key)
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            return {}, f"field {key!r} should be {JSON_TYPE[kind]}, got {json.dumps(value)[:40]}"
+    for i, record in enumerate([*(res.get("history") or []), *([res["best"]] if res.get("best") else [])]):
+        where = "best" if i == len(res.get("history") or []) else f"history[{i}]"
+        if not isinstance(record, dict):
+            return {}, f"field {where!r} should be an object, got {json.dumps(record)[:40]}"
+        for key in ("epoch", "dev_avg", "select_avg", "train_avg", "train_eval_avg"):
+            value = record.get(key)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)):
+                return {}, f"field '{where}.{key}' should be a number, got {json.dumps(value)[:40]}"
+        for split in ("dev", "select", "train_eval", "train"):
+            scores = record.get(split)
+            if scores is not None and not (
+                isinstance(scores, dict)
+                and all(
+                    isinstance(ms, dict) and all(isinstance(v, (int, float)) or v is None for v in ms.values())
+                    for ms in scores.values()
+                )
+            ):
+                return {}, f"field '{where}.{split}' should map tasks to their metrics, got {json.dumps(scores)[:40]}"
+    return res, None
 
 
 @functools.cache

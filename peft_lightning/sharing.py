@@ -114,3 +114,36 @@ def source_dir(run_dir: Path, res: dict) -> Path:
         if (parent / shared / "results.json").is_file():
             return parent / shared
     return run_dir
+
+
+FOLLOW_UP = {"predict"}  # what a finished run can still do without training again (train.finish_complete)
+
+
+def _flat(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out or {prefix.rstrip("."): {}}
+    return {prefix.rstrip("."): value}
+
+
+def config_differences(there: dict, here: dict) -> list[tuple[str, object, object]]:
+    """The keys (dotted) where two runs' training identities differ, with the folder's value and the
+    command's (`<unset>` where one lacks the key); what a finished run can still do is left out."""
+    a = _flat({k: v for k, v in training_identity(there).items() if k not in FOLLOW_UP})
+    b = _flat({k: v for k, v in training_identity(here).items() if k not in FOLLOW_UP})
+    missing = "<unset>"
+    return [
+        (k, a.get(k, missing), b.get(k, missing))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, missing) != b.get(k, missing)
+    ]
+
+
+def describe_differences(diffs: list[tuple[str, object, object]], most: int = 4) -> str:
+    """The differences in words; a group whose class differs (another adapter) is said by it alone."""
+    swapped = {k.rsplit(".", 1)[0] for k, _, _ in diffs if k.endswith("._target_")}
+    diffs = [d for d in diffs if d[0].endswith("._target_") or d[0].rsplit(".", 1)[0] not in swapped]
+    shown = "; ".join(f"{k}: {a!r} there, {b!r} here" for k, a, b in diffs[:most])
+    return shown + (f"; and {len(diffs) - most} more" if len(diffs) > most else "")

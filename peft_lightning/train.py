@@ -24,15 +24,17 @@ from hydra.utils import get_class, to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from peft_lightning import sweep
 from peft_lightning.build import build
 from peft_lightning.checks import whole
 from peft_lightning.config import VERSION_BASE, conf_dir
 from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
 from peft_lightning.features import FrozenFeatures
-from peft_lightning.files import atomic_write_text
+from peft_lightning.files import WriteError, atomic_write_text, describe_os_error
 from peft_lightning.gpus import gpu_slot
-from peft_lightning.module import DivergedError, MultiTaskModule, average, score_predictions
+from peft_lightning.interrupt import Interrupted, exit_interrupted, on_signals
+from peft_lightning.module import STAGE, DivergedError, MultiTaskModule, average, score_predictions
 from peft_lightning.quiet import quiet
 from peft_lightning.results import (
     Clock,
@@ -42,7 +44,6 @@ from peft_lightning.results import (
     checkpoint_step,
     collect_predictions,
     in_row_order,
-    is_complete,
     read_results,
     selection_score,
     summary,
@@ -51,13 +52,14 @@ from peft_lightning.results import (
 from peft_lightning.rundir import (
     AtomicCheckpointIO,
     RunDirError,
+    RunDirUnavailable,
     RunLock,
     prepare_run_dir,
     process_rank,
     read_checkpoint_meta,
     remove_partial_files,
 )
-from peft_lightning.sharing import find_shared, take_shared
+from peft_lightning.sharing import config_differences, describe_differences, find_shared, source_dir, take_shared
 
 log = logging.getLogger("peft_lightning")
 
@@ -80,6 +82,27 @@ def resolve_ckpt(ckpt_path: str | None, run_dir: Path) -> str | None:
     if path is not None:
         read_checkpoint_meta(path)
     return None if path is None else str(path)
+
+
+def check_trainer(trainer: DictConfig) -> None:
+    """`trainer.*` holds options of Lightning's Trainer, and a GPU only where there is one: checked
+    before the run folder is touched (Hydra's own hint `+trainer.max_epoch=1` would otherwise end in
+    a TypeError from Trainer.__init__ after the data was read)."""
+    import difflib
+    import inspect
+
+    options = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
+    for key in trainer:
+        if key not in options:
+            near = difflib.get_close_matches(str(key), sorted(options), n=1)
+            hint = f"; did you mean trainer.{near[0]}?" if near else ""
+            raise ValueError(f"trainer.{key} is not an option of Lightning's Trainer{hint}")
+    accelerator = str(trainer.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.accelerator={accelerator} (trainer=gpu_fast asks for it) but this machine has no CUDA device; "
+            "use trainer=default, which runs on the CPU"
+        )
 
 
 def precision_for(cfg_precision: str, accelerator: str) -> str:
@@ -136,6 +159,7 @@ def train(cfg: DictConfig) -> dict:
     epochs = cfg.trainer.max_epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"trainer.max_epochs must be a whole number >= 1, got {epochs!r} (a run must train)")
+    check_trainer(cfg.trainer)
     t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir)
     watch_parent()  # a DDP child ends with its rank 0
@@ -149,9 +173,14 @@ def train(cfg: DictConfig) -> dict:
 
 
 def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
-    if not cfg.force and is_complete(run_dir):
+    previous = None if cfg.force else read_results(run_dir)
+    if previous is not None:
+        same_run_or_stop(cfg, run_dir, previous)
+    if previous is not None and previous.get("status") == "complete":
         log.info("%s is complete; skipping (force=true reruns it)", run_dir)
-        return read_results(run_dir)
+        return finish_complete(cfg, run_dir, previous)
+    if process_rank() == 0:
+        save_hydra_files(run_dir)
     if not cfg.force and process_rank() == 0:  # another study's run with this training config
         config = OmegaConf.to_container(cfg, resolve=True)
         root = Path(to_absolute_path(str(cfg.sweep_root)))
@@ -225,6 +254,133 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         return fit_and_predict(cfg, tcfg, module, dm, writer, (ckpt_cb, last_cb), run_dir, run_name, adapter.name, ckpt)
 
 
+def same_run_or_stop(cfg: DictConfig, run_dir: Path, previous: dict) -> None:
+    """A folder holding a complete run, or an unfinished one this command would resume, holds this
+    command's training config, or the command stops (RunDirError) before anything there changes.
+    Folders are named by the overrides less budget, data.dir, logger, ...: `budget=quick` after
+    `budget=smoke` lands in the smoke run's folder, whose results are not this command's."""
+    if "config" not in previous:
+        return  # written before results.json kept the config: nothing to compare
+    complete = previous.get("status") == "complete"
+    resumes = cfg.ckpt_path in ("auto", "last") and (run_dir / "checkpoints" / "last.ckpt").is_file()
+    if not (complete or resumes):
+        return  # nothing to skip or resume: this command starts the folder over
+    diffs = config_differences(previous["config"], OmegaConf.to_container(cfg, resolve=True))
+    if diffs:
+        what = "complete run" if complete else f"{previous.get('status', 'unfinished')} run this command would resume"
+        raise RunDirError(
+            f"{run_dir} holds a {what} of another training config ({describe_differences(diffs)}); "
+            "its results are not this command's. force=true trains this config there, replacing that run; "
+            "or give it a folder of its own: output_dir=... (peft-train), sweep_root=... or study=... (a sweep)"
+        )
+
+
+def save_hydra_files(run_dir: Path) -> None:
+    """Hydra's record of the command (`.hydra/config.yaml`, `hydra.yaml`, `overrides.yaml`), written
+    here, once the folder's lock is held and its run is this command's (train.yaml sets
+    `hydra.output_subdir: null`, so Hydra does not write them before the lock)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return
+    root = HydraConfig.instance().cfg
+    task = OmegaConf.masked_copy(root, [k for k in root if k != "hydra"])
+    folder = run_dir / ".hydra"
+    atomic_write_text(folder / "config.yaml", OmegaConf.to_yaml(task))
+    atomic_write_text(folder / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.masked_copy(root, ["hydra"])))
+    atomic_write_text(folder / "overrides.yaml", OmegaConf.to_yaml(root.hydra.overrides.task))
+
+
+def finish_complete(cfg: DictConfig, run_dir: Path, res: dict) -> dict:
+    """A complete run of this training config, and what this command asks of it that it lacks:
+    test predictions (`predict=true` after `predict=false`) and a wandb run (`logger=wandb` added
+    to a finished sweep). Neither trains again."""
+    if process_rank() != 0:
+        return res
+    have_test = any(str(k).endswith("-test") for k in (res.get("predictions") or {}))
+    ran_without = (res.get("config") or {}).get("predict") is False  # else its data has no test split
+    if cfg.predict and not have_test and ran_without:
+        res = predict_test(cfg, run_dir, res)
+    if uses_wandb(cfg) and not res.get("wandb_id"):
+        res = replay_to_logger(cfg, run_dir, res)
+    return res
+
+
+def predict_test(cfg: DictConfig, run_dir: Path, res: dict) -> dict:
+    """Test predictions of a complete run from its best.ckpt (the run trained with predict=false)."""
+    best = source_dir(run_dir, res) / "checkpoints" / "best.ckpt"
+    if not best.is_file():
+        raise RunDirError(
+            f"{run_dir} is complete without test predictions (it ran with predict=false) and keeps no "
+            f"{best.relative_to(best.parent.parent.parent)} to predict with (checkpoints=none); "
+            "force=true trains it again with them"
+        )
+    read_checkpoint_meta(best)
+    L.seed_everything(whole("seed", cfg.seed), workers=True, verbose=False)
+    _, dm, module = build(cfg)
+    dm.setup()
+    targets = dm.predict_targets(("test",))
+    if not targets:
+        return res
+    log.info("%s is complete; predicting test from %s (it ran with predict=false)", run_dir, best.name)
+    trainer = L.Trainer(
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=bool(cfg.trainer.get("enable_progress_bar", True)),
+        enable_model_summary=False,
+        accelerator=cfg.trainer.accelerator,
+        devices=1,
+        precision=precision_for(cfg.trainer.get("precision", "auto"), cfg.trainer.accelerator),
+    )
+    outputs = trainer.predict(module, dataloaders=[dm.eval_dataloader(t, s) for t, s in targets], ckpt_path=str(best))
+    if len(targets) == 1:
+        outputs = [outputs]
+    files = write_predictions(run_dir, dm, collect_predictions(dm, targets, outputs))
+    res = {**res, "predictions": {**(res.get("predictions") or {}), **files}}
+    res["config"] = {**res["config"], "predict": True}
+    atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
+    return res
+
+
+def replay_to_logger(cfg: DictConfig, run_dir: Path, res: dict) -> dict:
+    """A complete run's recorded epochs logged to a new wandb run (as training would have logged
+    them, at their steps), its id kept in results.json."""
+    res = {**res, "wandb_id": uuid.uuid4().hex[:16]}
+    options = OmegaConf.merge(cfg, {"logger": {"csv": False}})  # the CSV log is there already
+    adapter = (res.get("adapter") or {}).get("name") or str(cfg.adapter.get("name", "adapter"))
+    loggers = build_loggers(options, run_dir, res.get("run_name") or run_dir.name, adapter, 0, res["wandb_id"])
+    try:
+        for record in res.get("history") or []:
+            flat = {f"train/{t}/{m}": v for t, ms in (record.get("train") or {}).items() for m, v in ms.items()}
+            for split, stage in STAGE.items():
+                flat.update(
+                    {f"{stage}/{t}/{m}": v for t, ms in (record.get(split) or {}).items() for m, v in ms.items()}
+                )
+            for key, name in (
+                ("train_avg", "train/avg"),
+                ("train_eval_avg", "train_eval/avg"),
+                ("select_avg", "select/avg"),
+                ("dev_avg", "val/avg"),
+            ):
+                if record.get(key) is not None:
+                    flat[name] = record[key]
+            flat = {k: v for k, v in flat.items() if isinstance(v, (int, float))}
+            flat["epoch"] = record.get("epoch")
+            for logger in loggers:
+                logger.log_metrics(flat, step=int(record.get("step") or record.get("epoch") or 0))
+        for logger in loggers:
+            logger.finalize("success")
+    finally:
+        import wandb
+
+        wandb.finish()
+    atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
+    log.info(
+        "%s is complete; its %d epochs logged to wandb run %s", run_dir, len(res.get("history") or []), res["wandb_id"]
+    )
+    return res
+
+
 def use_gpu_lock(cfg: DictConfig) -> bool:
     """`gpus.lock=auto`: a GPU slot lock for the jobs of a sweep run by processes on this machine
     (joblib, or Hydra's basic launcher), which all see every GPU. SLURM and Ray give each job its
@@ -278,16 +434,11 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
         result = writer.write(trainer, module, status="complete", **extra)
         if trainer.is_global_zero:
             prune_checkpoints(run_dir, checkpoints_kept(cfg))
-    except KeyboardInterrupt:
-        writer.write(trainer, module, status="interrupted")
+    except (KeyboardInterrupt, Interrupted) as err:
+        record_end(writer, trainer, module, "interrupted", str(err) or "interrupted")
         raise
     except Exception as err:
-        writer.write(
-            trainer,
-            module,
-            status="failed",
-            error=f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}",
-        )
+        record_end(writer, trainer, module, "failed", describe_os_error(err))
         raise
     finally:
         if uses_wandb(cfg):
@@ -295,6 +446,15 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
 
             wandb.finish()
     return result
+
+
+def record_end(writer: ResultsWriter, trainer, module, status: str, error: str) -> None:
+    """results.json says how the run ended; a failure to write it (a full disk) is logged, never
+    raised over the error that ended the run."""
+    try:
+        writer.write(trainer, module, status=status, error=error)
+    except Exception as failure:  # noqa: BLE001
+        log.warning("could not record the run's end (%s) in %s: %s", status, writer.path, describe_os_error(failure))
 
 
 def feature_callbacks(cfg: DictConfig, module: MultiTaskModule, dm: MultiTaskDataModule, clock: Clock) -> list:
@@ -393,18 +553,25 @@ def score_dev(trainer: L.Trainer, module: MultiTaskModule, dm: MultiTaskDataModu
         logger.save()
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
-    """Make sure results.json says the run failed, with the error's first line (reports show it)."""
+def record_failure(cfg: DictConfig, err: BaseException, status: str = "failed") -> None:
+    """Make sure results.json says the run failed (or was interrupted), with the error's first line
+    (reports show it). A complete record is never turned into a failed one, and recording never
+    raises: a full disk or a gone folder is logged, and the error that stopped the run is the one said."""
     if isinstance(err, RunDirError) or process_rank() != 0:
         return  # the run directory is another run's, or broken: leave what it holds as it is
     run_dir = Path(cfg.output_dir)
-    res = read_results(run_dir) or {"run_name": run_dir.name, "study": cfg.get("study"), "history": []}
-    if res.get("status") in ("failed", "interrupted"):
-        return
-    first = str(err).splitlines()[0] if str(err) else ""
-    res.update(status="failed", error=f"{type(err).__name__}: {first}")
-    res.setdefault("overrides", list(cfg.get("overrides") or []))
-    atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
+    try:
+        res = read_results(run_dir) or {"run_name": run_dir.name, "study": cfg.get("study"), "history": []}
+        if res.get("status") in ("failed", "interrupted") or (res.get("status") == "complete" and not cfg.force):
+            return  # a complete run stays complete when the work this command adds to it fails
+        first = str(err).splitlines()[0] if str(err) else ""
+        res.update(status=status, error=first if isinstance(err, Interrupted) else f"{type(err).__name__}: {first}")
+        res.setdefault("overrides", list(cfg.get("overrides") or []))
+        atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
+    except Exception as failure:  # noqa: BLE001 - recording must not hide the run's own error
+        log.warning(
+            "could not record the run's %s in %s: %s", status, run_dir / "results.json", describe_os_error(failure)
+        )
 
 
 def rank_note() -> str:
@@ -413,7 +580,8 @@ def rank_note() -> str:
 
 
 @hydra.main(version_base=VERSION_BASE, config_path=conf_dir(), config_name="train")
-def main(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig) -> float | None:
+    """The Hydra task: one run (a job of a sweep with `-m`)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -421,26 +589,54 @@ def main(cfg: DictConfig) -> float | None:
     quiet()
     try:
         result = train(cfg)
-    except KeyboardInterrupt:
+    except Interrupted as err:  # recorded; the sweep stops here too, and main exits 143 / 130
+        record_failure(cfg, err, status="interrupted")
+        log.error("run interrupted%s: %s (the same command resumes it)", rank_note(), err)
         raise
     except Exception as err:
         record_failure(cfg, err)
-        known = isinstance(err, (DataError, ValueError, FileNotFoundError, DivergedError))
+        known = isinstance(err, (DataError, ValueError, FileNotFoundError, DivergedError, WriteError))
         if known and process_rank() != 0:  # the same config or data error stops rank 0, which says it
             sys.exit(2)
         where = Path(cfg.output_dir) / "results.json"
+        if isinstance(err, RunDirUnavailable):
+            detach_run_log(Path(cfg.output_dir))  # another command's folder, or none: write nothing there
         kept = f"\n  results: {where}" if where.is_file() and not isinstance(err, RunDirError) else ""
-        log.error("run failed%s: %s: %s%s", rank_note(), type(err).__name__, err, kept)
+        what = str(err) if isinstance(err, WriteError) else f"{type(err).__name__}: {err}"
+        log.error("run failed%s: %s%s", rank_note(), what, kept)
         if multirun:  # one failed job must not stop the sweep; results.json records it
             log.debug(traceback.format_exc())
             return None
         if known and not cfg.get("raise_errors"):
-            sys.exit(1 if isinstance(err, DivergedError) else 2)
+            sys.exit(1 if isinstance(err, (DivergedError, WriteError)) else 2)
         raise
     if process_rank() == 0 and result:
         log.info("%s", summary(result, cfg.output_dir))
     best = (result or {}).get("best") or {}
     return selection_score(best)  # what a Hydra sweeper optimises: the selection split's score, not dev's
+
+
+def detach_run_log(run_dir: Path) -> None:
+    """Stop logging into `run_dir/train.log` (opened at its first line: nothing was written yet)."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        name = getattr(handler, "baseFilename", None)
+        if name and Path(name).resolve().parent == run_dir.resolve():
+            root.removeHandler(handler)
+            handler.close()
+
+
+def main() -> None:
+    """`peft-train`: the Hydra task with SIGTERM / SIGINT recorded as `interrupted` (exit 143 / 130)
+    and a sweep's tally: exit 1 unless every job of a `-m` sweep is complete."""
+    sweep.last_tally = None
+    with on_signals():
+        try:
+            run()
+        except Interrupted as err:
+            exit_interrupted(err, "peft-train")
+    if sweep.last_tally is not None and sweep.last_tally["complete"] < sweep.last_tally["total"]:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from peft_lightning.config import check_budget, compose
+from peft_lightning.config import ConfigError, check_budget, compose
+from peft_lightning.interrupt import Interrupted, exit_interrupted, forward, on_signals
 from peft_lightning.optim import TUNED_ROLE
 from peft_lightning.plan import Costs, Progress, fmt_s, plan_options, print_plan, sweep_dir, tuned_jobs
 from peft_lightning.reproduce import report_and_exit
@@ -80,6 +80,18 @@ def train_cmd(experiment: str, budget: str, *args: str) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command; SIGTERM / SIGINT are passed on to the running sweep (see `peft-reproduce`)."""
+    with on_signals():
+        try:
+            _main(argv)
+        except Interrupted as err:
+            exit_interrupted(err, "peft-tune")
+        except ConfigError as err:
+            print(f"peft-tune: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
+def _main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
@@ -102,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"== search: {len(strategies)} strategies x {len(cfg.tune.grid)} lrs, seed {seeds[0]} -> {search}", flush=True
     )
-    subprocess.run(train_cmd("tune_lr", budget, f"seed={seeds[0]}", *rest))
+    forward(train_cmd("tune_lr", budget, f"seed={seeds[0]}", *rest))
     chosen = choose(load_runs(search) if search.is_dir() else [], strategies)
     missing = [s for s in strategies if s not in chosen]
     final = sweep_dir("tuned", budget, rest)
@@ -111,14 +123,14 @@ def main(argv: list[str] | None = None) -> None:
             f"== {name}: lr {pick['lr']:g} ({pick['sets']}), {pick['on']} avg {pick['score']:.4f}; seeds {seeds}",
             flush=True,
         )
-        subprocess.run(train_cmd("tuned", budget, f"adapter={name}", f"optim.tuned_lr={pick['lr']:g}", *rest))
+        forward(train_cmd("tuned", budget, f"adapter={name}", f"optim.tuned_lr={pick['lr']:g}", *rest))
     final.mkdir(parents=True, exist_ok=True)
     (final / "tuned_lr.json").write_text(
         json.dumps({"budget": budget, "seeds": seeds, "strategies": chosen}, indent=2) + "\n"
     )
     if progress is not None:
         progress.__exit__(None, None, None)
-        print(f"{len(progress.done)} of {progress.total} jobs finished in {fmt_s(time.time() - t0)}", flush=True)
+        print(f"{progress.tally()} in {fmt_s(time.time() - t0)}", flush=True)
     root = Path(os.path.commonpath([str(search.resolve()), str(final.resolve())]))
     report_and_exit(root, t0, missing, "strategies without a complete search run", budget, rest)
 

@@ -69,7 +69,9 @@ def test_adapter_option_errors(make, match):
 
 
 @pytest.mark.parametrize(
-    "make", [Frozen, Full, lambda: LoRA(rank=4, dropout=0.1), lambda: Prefix(2, mlp=True), IA3], ids=str
+    "make",
+    [Frozen, Full, lambda: LoRA(rank=4, dropout=0.1), lambda: Prefix(2, mlp=True), IA3],
+    ids=["frozen", "full", "lora", "prefix", "ia3"],
 )
 def test_frozen_parameters_are_bit_identical_after_steps(make):
     torch.manual_seed(0)

@@ -127,7 +127,7 @@ def _alive(marker: str) -> list[int]:
 
 
 def test_ddp_kill_9_in_epoch_2_then_rerun_resumes(tiny_model_dir, tmp_path):
-    data = make_data_dir(tmp_path / "data", n_train=1600, n_dev=32, n_test=8)
+    data = make_data_dir(tmp_path / "data", n_train=800, n_dev=32, n_test=8)
     out = tmp_path / "killed-run"
     args = [
         "model=local",
@@ -170,7 +170,7 @@ def test_ddp_kill_9_in_epoch_2_then_rerun_resumes(tiny_model_dir, tmp_path):
     assert res["status"] == "complete" and [h["epoch"] for h in res["history"]] == [1, 2, 3]
     assert res["history"][0] == first["history"][0]  # epoch 1 as recorded before the kill, clocks too
     assert "resuming from" in (out / "train.log").read_text()
-    steps_per_epoch = ScheduleSampler({"t": 1600}, {"t": 8}).schedule_steps() // 2
+    steps_per_epoch = ScheduleSampler({"t": 800}, {"t": 8}).schedule_steps() // 2
     assert res["steps"] == 3 * steps_per_epoch
 
 

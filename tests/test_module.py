@@ -212,6 +212,7 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
     run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=2")
     res = json.loads((out / "results.json").read_text())
     res["status"] = "running"
+    res["config"]["trainer"]["max_epochs"] = 3  # as a 3-epoch run's record, killed after epoch 2
     (out / "results.json").write_text(json.dumps(res))
     caplog.set_level("INFO", logger="peft_lightning")
     resumed = run(tiny_model_dir, data_dir, out, *args, "trainer.max_epochs=3", "ckpt_path=last")

@@ -144,3 +144,40 @@ def test_multitask_table_pairs_each_task_alone_with_the_joint_run(tmp_path):
     assert full["sst5 acc alone"] == "-" and full["sst5 acc together"] == "0.5000" and full["sst5 acc change"] == "-"
     assert "no complete sst5-only run" in full["status"] and "no complete stsb-only run" in full["status"]
     assert (tmp_path / "out" / "multitask_vs_single.csv").read_text().startswith("adapter,sst5 acc alone,")
+
+
+BAD_RESULTS = [
+    ("not an object", b"[1, 2]", "not a JSON object (a list)"),
+    ("not UTF-8", b'{"status": "complete", "study": "caf\xe9"}', "not UTF-8 (byte 0xe9 at offset 36)"),
+    ("truncated", b'{"status": "complete", "best": {"dev', "unreadable JSON (Unterminated string"),
+    (
+        "wrong-typed field",
+        b'{"status": "complete", "history": "none"}',
+        "field 'history' should be a list, got \"none\"",
+    ),
+    (
+        "wrong-typed score",
+        b'{"status": "complete", "best": {"epoch": 1, "dev": {"sst5": {"acc": "high"}}}}',
+        "field 'best.dev' should map tasks to their metrics",
+    ),
+    ("a folder", None, "is a folder, not a file"),
+]
+
+
+def test_a_results_json_that_cannot_be_used_is_a_named_failed_row_and_the_report_is_made(tmp_path):
+    root = tmp_path / "mr"
+    fake(root, "main", ["adapter=full"], scores(0.5, 0.8, 0.7))
+    fake(root, "main", ["adapter=lora"], scores(0.45, 0.85, 0.6))
+    for i, (_, blob, _) in enumerate(BAD_RESULTS):
+        folder = root / "main" / f"adapter=bad{i}"  # a sweep's layout: <root>/<study>/<run>
+        folder.mkdir(parents=True)
+        if blob is None:
+            (folder / "results.json").mkdir()
+        else:
+            (folder / "results.json").write_bytes(blob)
+    text = build_report(root, tmp_path / "out").read_text()
+    assert f"{2 + len(BAD_RESULTS)} runs under `mr`; 2 complete" in text
+    for i, (what, _, problem) in enumerate(BAD_RESULTS):
+        assert f"- `main/adapter=bad{i}/results.json: {problem}" in text, what
+    full = next(line for line in text.split("## Main comparison")[1].splitlines() if line.startswith("| full"))
+    assert "**0.5000**" in full  # the good runs' table as without the bad files

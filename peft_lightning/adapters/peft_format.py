@@ -23,7 +23,17 @@ def load_lora(adapter, folder: str | Path) -> None:
     for p in (cfg_path, weights):
         if not p.is_file():
             raise ValueError(f"adapter.init_from={folder}: no {p.name} (expected a PEFT LoRA adapter folder)")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{cfg_path}: not UTF-8 (byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{cfg_path}: not JSON ({err.msg} at line {err.lineno} column {err.colno})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object (PEFT's adapter config), got a {type(cfg).__name__}")
+    alpha = cfg.get("lora_alpha")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{cfg_path}: field 'lora_alpha' should be a number, got {json.dumps(alpha)}")
     if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
         raise ValueError(f"adapter.init_from={folder}: a {cfg.get('peft_type')} adapter, expected LoRA")
     if cfg.get("r") != adapter.rank:
@@ -37,7 +47,11 @@ def load_lora(adapter, folder: str | Path) -> None:
             f"adapter.init_from={folder}: its scale is {scale:g} (lora_alpha {cfg['lora_alpha']}, "
             f"use_rslora {cfg.get('use_rslora', False)}), this adapter's is {adapter.scale:g}; set adapter.scaling/alpha to match"
         )
-    state = load_file(str(weights))
+    try:
+        state = load_file(str(weights))
+    except Exception as err:  # safetensors raises its own SafetensorError for a broken header or file
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{weights}: cannot be read as safetensors, truncated or corrupt ({first})") from None
     found = {}
     for key, value in state.items():
         for part in ("lora_A", "lora_B"):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import os
 from pathlib import Path
 
 from peft_lightning.tasks import TASKS
@@ -72,7 +73,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="data directory to write (sst5/, qqp/, stsb/)")
     parser.add_argument("--tasks", nargs="+", default=list(SOURCES), choices=list(SOURCES))
     args = parser.parse_args(argv)
-    download(Path(args.out), args.tasks)
+    try:
+        download(Path(args.out), args.tasks)
+    except Exception as err:  # the hub out of reach (offline, a proxy, a firewall) or a dataset gone
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        why = "HF_DATASETS_OFFLINE / HF_HUB_OFFLINE is set" if offline else f"{type(err).__name__}: {first[:200]}"
+        raise SystemExit(
+            f"peft-data: could not download {', '.join(args.tasks)} from the Hugging Face hub ({why}). "
+            "Without the hub, put the TSV files in a folder (sst5/, qqp/, stsb/: README, Data) and pass it "
+            "as data.dir=..."
+        ) from None
 
 
 if __name__ == "__main__":
