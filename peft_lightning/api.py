@@ -44,10 +44,11 @@ class RunModel:
     def tasks(self) -> list[str]:
         return self.model.task_names
 
-    def predict(self, task: str, rows: list, batch_size: int | None = None) -> list:
+    def predict(self, task: str, rows: list, batch_size: int | None = None, return_probs: bool = False) -> list:
         """Predictions for `rows`: sentences (sst5) or (sentence1, sentence2) pairs (qqp, stsb).
 
-        Returns class ids (sst5 0..4, qqp 0/1) or STS-B scores, in the order of `rows`.
+        Returns class ids (sst5 0..4, qqp 0/1) or STS-B scores, in the order of `rows`; with
+        `return_probs` (sst5, qqp), each row's class probabilities (softmax of the logits) instead.
         """
         t = self._task(task)
         texts = []
@@ -57,15 +58,21 @@ class RunModel:
                 raise ValueError(f"{task} row {i}: expected {_shape(t)}, got {row!r}")
             texts.append(tuple(p.strip() for p in parts))
         split = Split(task, "input", Path("<rows>"), [str(i) for i in range(len(rows))], texts, None)
-        return self.predict_split(split, batch_size)
+        return self.predict_split(split, batch_size, return_probs)
 
-    def predict_file(self, task: str, path: str | Path, batch_size: int | None = None) -> tuple[Split, list]:
-        """Read a TSV file of the task's columns (labels optional) and predict every row."""
-        split = read_file(Path(path), self._task(task), "input", labels=None)
-        return split, self.predict_split(split, batch_size)
+    def predict_file(
+        self, task: str, path: str | Path, batch_size: int | None = None, return_probs: bool = False
+    ) -> tuple[Split, list]:
+        """Read a TSV file of the task's columns (labels and ids optional: row numbers without) and
+        predict every row."""
+        split = read_file(Path(path), self._task(task), "input", labels=None, ids=False)
+        return split, self.predict_split(split, batch_size, return_probs)
 
     @torch.no_grad()
-    def predict_split(self, split: Split, batch_size: int | None = None) -> list:
+    def predict_split(self, split: Split, batch_size: int | None = None, return_probs: bool = False) -> list:
+        """Predictions for a split's rows, in its order (see `predict`)."""
+        if return_probs and TASKS[split.task].is_regression:
+            raise ValueError(f"{split.task} is a regression (a score 0..5): it has no class probabilities")
         data = self.config["data"]
         if not len(split):
             return []
@@ -77,6 +84,11 @@ class RunModel:
         for i in range(len(batches)):
             batch = _to(batches[i], device)
             ((task, pred),) = self.model(batch).items()
+            if return_probs:
+                probs = torch.softmax(pred.float(), dim=-1).cpu().tolist()
+                for row, p in zip(batch[task]["index"].tolist(), probs):
+                    out[row] = p
+                continue
             values = TASKS[task].prediction(pred).cpu().tolist()
             for row, v in zip(batch[task]["index"].tolist(), values):
                 out[row] = float(v) if TASKS[task].is_regression else int(v)

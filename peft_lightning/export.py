@@ -79,14 +79,42 @@ def export_merged(run: RunModel, out: Path) -> None:
         raise ExportError("prefix tuning has no weights to merge (its prefixes are extra keys and values)")
     encoder = run.model.encoder
     run.model.adapter.merge()
-    hf = BertModel(hf_config(run), add_pooling_layer=encoder.pooler is not None)
-    result = hf.load_state_dict(plain_state_dict(encoder), strict=False)
+    # always with a pooler, so that BertModel.from_pretrained finds every weight it builds (no "newly
+    # initialized" pooler); a run that pools otherwise keeps the backbone's own pooler, unused by its heads
+    hf = BertModel(hf_config(run), add_pooling_layer=True)
+    state = plain_state_dict(encoder)
+    if encoder.pooler is None:
+        state.update(
+            backbone_pooler(run.config["model"])
+            or {k: v.clone() for k, v in hf.pooler.state_dict(prefix="pooler.").items()}
+        )
+    result = hf.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ExportError(
             f"weights do not fit BertModel: missing {result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}"
         )
     hf.save_pretrained(out)
     run.tokenizer.save_pretrained(out)
+
+
+def backbone_pooler(model: dict) -> dict[str, torch.Tensor] | None:
+    """The pooler weights of the run's pretrained backbone (`pooler.dense.*`), or None (random init,
+    or a checkpoint without them)."""
+    from safetensors import safe_open
+
+    if model.get("random_init"):
+        return None
+    try:
+        path = Path(resolve_source(model["source"])) / "model.safetensors"
+    except ValueError:
+        return None
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as f:
+        found = {k: k.split("pooler.", 1)[1] for k in f.keys() if "pooler.dense." in k}
+        if len(found) != 2:
+            return None
+        return {f"pooler.{short}": f.get_tensor(k).float() for k, short in found.items()}
 
 
 @torch.no_grad()
@@ -98,7 +126,7 @@ def export_peft(run: RunModel, out: Path) -> None:
 
     adapter = run.model.adapter
     adapter.unmerge()  # the factors themselves, not a merged weight
-    config = {**adapter.peft_config(), "base_model_name_or_path": resolve_source(run.config["model"]["source"])}
+    config = {**adapter.peft_config(), "base_model_name_or_path": base_model_name(run.config["model"])}
     hf = BertModel(hf_config(run), add_pooling_layer=run.model.encoder.pooler is not None)
     pm = peft.get_peft_model(hf, peft.get_peft_config(config))
     for name, layer in zip(adapter.target_names, adapter.layers):
@@ -108,6 +136,29 @@ def export_peft(run: RunModel, out: Path) -> None:
             param = slot.weight if isinstance(slot, torch.nn.Module) else slot
             param.data.copy_(tensor.data.float().view_as(param))
     pm.save_pretrained(out, safe_serialization=True)
+    exact_targets(out / "adapter_config.json", list(adapter.target_names), config.get("feedforward_modules"))
+
+
+def base_model_name(model: dict) -> str:
+    """What the export names as its base model: the backbone's hub id (`model.hub_id`: the packaged
+    MiniLM's is on the hub, so the adapter is portable), a hub source as it is, else the local folder."""
+    if model.get("hub_id"):
+        return str(model["hub_id"])
+    return resolve_source(model["source"])
+
+
+def exact_targets(config_path: Path, names: list[str], feedforward: list[str] | None = None) -> None:
+    """`target_modules` as a regex matching exactly the layers that have factors. PEFT shortens a
+    long list of names to suffixes on saving (`dense`), which also match a BertModel's
+    `pooler.dense`: its load then warns of missing pooler keys. A string is PEFT's full-match regex.
+    (IA)^3's `feedforward_modules` (which targets rescale their input) are written the same way."""
+    import re
+
+    config = json.loads(config_path.read_text())
+    config["target_modules"] = "^(" + "|".join(re.escape(n) for n in names) + ")$"
+    if feedforward is not None:
+        config["feedforward_modules"] = "^(" + "|".join(re.escape(n) for n in feedforward) + ")$"
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def export_heads(run: RunModel, out: Path) -> None:

@@ -131,6 +131,7 @@ class MultiTaskModule(L.LightningModule):
         self._check_finite(sums)
         for key, (s, n) in sums.items():
             self.log(key, s / n, prog_bar=key != "train/loss", batch_size=1)
+        self.log("epoch", float(self.current_epoch + 1), batch_size=1)  # from 1, as results.json and the report
 
     def _check_finite(self, sums: dict) -> None:
         """A non-finite loss since the last check stops the run (one host sync per logging step and epoch)."""
@@ -189,6 +190,7 @@ class MultiTaskModule(L.LightningModule):
         # the values are the same on every rank (synchronised metrics): sync_dist only averages equals
         many = self.trainer.world_size > 1
         flat = {k: v for k, v in flat.items() if v is not None and not math.isnan(v)}
+        flat["epoch"] = float(record["epoch"])  # from 1, as results.json and the report (Lightning's is from 0)
         self.log_dict(flat, prog_bar=False, sync_dist=many)
         if record.get("dev_avg") is not None:
             self.log("val/avg", record["dev_avg"], prog_bar=True, sync_dist=many)

@@ -1,8 +1,10 @@
 """`peft-predict RUN_DIR --task sst5|qqp|stsb --input FILE.tsv|- --out FILE.tsv|-`: score new rows.
 
 The input has the task's columns as in the data files (`id, sentence` for sst5; `id, sentence1,
-sentence2` for qqp and stsb), the label column optional; bad rows get the same `file:line: field`
-errors as training (exit 2). The output is `id, prediction` as a run's own predictions files.
+sentence2` for qqp and stsb), the id and label columns optional (without ids, rows are numbered 1, 2,
+...); bad rows get the same `file:line: field` errors as training (exit 2), before the model is
+loaded. The output is `id, prediction` as a run's own predictions files, and with `--probabilities`
+(sst5, qqp) each class's probability.
 With labels, the metrics are printed (to stderr when the predictions go to stdout).
 """
 
@@ -18,7 +20,7 @@ from pathlib import Path
 
 from peft_lightning import checks
 from peft_lightning.api import load_run
-from peft_lightning.data.readers import DataError
+from peft_lightning.data.readers import DataError, read_file
 from peft_lightning.files import atomic_write_text, describe_os_error
 from peft_lightning.interrupt import Interrupted, on_signals
 from peft_lightning.quiet import quiet
@@ -34,6 +36,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="TSV file to write, or - for standard output")
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    p.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="sst5, qqp: also each class's probability (columns prob_0, prob_1, ...; softmax of the logits)",
+    )
     p.add_argument("--batch-size", type=checks.positive, default=None, help="default: the run's data.eval_batch_size")
     return p.parse_args(argv)
 
@@ -53,21 +60,37 @@ def _main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     quiet()
     try:
-        checks.device(args.device)  # the options, before a model is loaded or a row read
+        checks.device(args.device)  # the options and the rows, before the model is loaded
         if args.out != "-":
             checks.out_file(args.out, inputs=(args.input,))
+        if args.probabilities and TASKS[args.task].is_regression:
+            raise ValueError(f"--probabilities: {args.task} is a regression (a score 0..5), it has no classes")
         warn_unfinished(args.run_dir)
         with tempfile.TemporaryDirectory() as tmp:
             source = Path(args.input)
             if args.input == "-":  # read once, then validate like any file (line numbers of stdin)
                 source = Path(tmp) / "stdin.tsv"
                 source.write_bytes(sys.stdin.buffer.read())
-            run = load_run(args.run_dir, args.checkpoint, args.device)
-            split, preds = run.predict_file(args.task, source, args.batch_size)
+            split = read_file(source, TASKS[args.task], "input", labels=None, ids=False)
+        run = load_run(args.run_dir, args.checkpoint, args.device)
+        if args.task not in run.tasks:
+            raise ValueError(f"--task {args.task}: this run was trained on {run.tasks}")
+        probs = run.predict_split(split, args.batch_size, return_probs=True) if args.probabilities else None
+        # one pass: with probabilities, the class is the most probable one (as the task's prediction)
+        preds = (
+            [max(range(len(p)), key=p.__getitem__) for p in probs]
+            if probs
+            else run.predict_split(split, args.batch_size)
+        )
     except (DataError, ValueError, FileNotFoundError) as err:
         print(f"peft-predict: {err}", file=sys.stderr)
         return 2
-    rows = [["id", "prediction"], *([i, format_prediction(p)] for i, p in zip(split.ids, preds))]
+    header = ["id", "prediction"]
+    if probs is not None:
+        header += [f"prob_{k}" for k in range(len(probs[0]))] if probs else []
+    rows = [header]
+    for i, (id_, p) in enumerate(zip(split.ids, preds)):
+        rows.append([id_, format_prediction(p), *([f"{q:.6f}" for q in probs[i]] if probs is not None else [])])
     text = io.StringIO()
     csv.writer(text, delimiter="\t", lineterminator="\n").writerows(rows)
     if args.out == "-":

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from peft_lightning.comparisons import StudyComparison
+from peft_lightning.dashboards import replay_runs
 from peft_lightning.findings import MARGIN, findings
 from peft_lightning.floor import FLOOR_DIR, write_floor
 from peft_lightning.results import RESULTS
@@ -303,9 +304,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--floor-data", help="a data folder: fit the bag-of-words floor row on it (once, into ROOT/floor/bow)"
     )
+    parser.add_argument(
+        "--wandb",
+        action="store_true",
+        help="also log every complete run without a wandb run to one (from results.json; no training; "
+        "offline without credentials: then `wandb sync ROOT/**/wandb/offline-run-*`)",
+    )
+    parser.add_argument("--wandb-project", help="the wandb project for --wandb (default: conf/logger/wandb.yaml's)")
     args = parser.parse_args(argv)
     if not args.margin > 0:
         parser.error(f"--margin must be a number > 0, got {args.margin}")
+    if args.wandb:
+        logged = replay_runs(load_runs(Path(args.root)), args.wandb_project)
+        print(f"wandb: {len(logged)} runs logged (runs that have a wandb run already are left as they are)")
     print(build_report(args.root, args.out, args.margin, args.floor_data))
 
 

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from peft_lightning.config import ConfigError, check_budget, compose
+from peft_lightning.config import ConfigError, check_budget, compose, conf_dir
 from peft_lightning.interrupt import Interrupted, exit_interrupted, forward, on_signals
 from peft_lightning.plan import (
     Costs,
@@ -78,6 +78,7 @@ def _main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
+        print(help_lists())
         return
     plan_only, sources, argv = plan_options(argv)
     budget, studies, rest = parse(argv)
@@ -122,6 +123,17 @@ def _main(argv: list[str] | None = None) -> None:
                 failed.append(study)
     print(f"{progress.tally()} in {fmt_s(time.time() - t0)}", flush=True)
     report_and_exit(report_root, t0, failed, "studies with a job that did not complete", budget, rest)
+
+
+def help_lists() -> str:
+    """The studies and budgets there are, and the defaults (for --help)."""
+    budgets = sorted(p.stem for p in (Path(conf_dir()) / "budget").glob("*.yaml"))
+    return (
+        f"Studies (studies=[...]; default: the paper's five): {', '.join(PAPER_STUDIES)}\n"
+        f"  beyond the paper (studies=[beyond]): {', '.join(BEYOND)}; tuned: peft-tune's fair comparison;\n"
+        "  studies=[all]: both\n"
+        f"Budgets (budget=; default quick): {', '.join(budgets)}"
+    )
 
 
 def report_and_exit(root: Path, t0: float, failed: list[str], what: str, budget: str, overrides: list[str]) -> None:

@@ -43,6 +43,7 @@ IGNORED = {
 }
 IGNORED_DATA = {"cache_dir", "num_workers"}
 IGNORED_TRAINER = {"enable_progress_bar", "enable_model_summary", "log_every_n_steps"}
+IGNORED_MODEL = {"hub_id"}  # where an export says the backbone comes from
 
 
 def training_identity(config: dict) -> dict:
@@ -52,6 +53,8 @@ def training_identity(config: dict) -> dict:
         out["data"] = {k: v for k, v in out["data"].items() if k not in IGNORED_DATA}
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in IGNORED_TRAINER}
+    if isinstance(out.get("model"), dict):
+        out["model"] = {k: v for k, v in out["model"].items() if k not in IGNORED_MODEL}
     return out
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from hydra.utils import get_class, to_absolute_path
+from hydra.utils import to_absolute_path
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
@@ -28,18 +28,18 @@ from peft_lightning import sweep
 from peft_lightning.build import build
 from peft_lightning.checks import whole
 from peft_lightning.config import VERSION_BASE, conf_dir
+from peft_lightning.dashboards import build_loggers, replay, set_summary, uses_wandb
 from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
 from peft_lightning.features import FrozenFeatures
 from peft_lightning.files import WriteError, atomic_write_text, describe_os_error
 from peft_lightning.gpus import gpu_slot
 from peft_lightning.interrupt import Interrupted, exit_interrupted, on_signals
-from peft_lightning.module import STAGE, DivergedError, MultiTaskModule, average, score_predictions
+from peft_lightning.module import DivergedError, MultiTaskModule, average, score_predictions
 from peft_lightning.quiet import quiet
 from peft_lightning.results import (
     Clock,
     ResultsWriter,
-    ResumableCSVLogger,
     best_epoch,
     checkpoint_step,
     collect_predictions,
@@ -110,43 +110,6 @@ def precision_for(cfg_precision: str, accelerator: str) -> str:
         return cfg_precision
     gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     return "bf16-mixed" if gpu else "32-true"
-
-
-def uses_wandb(cfg: DictConfig) -> bool:
-    return str(cfg.logger.get("_target_", "")).endswith("WandbLogger")
-
-
-def build_loggers(
-    cfg: DictConfig,
-    run_dir: Path,
-    run_name: str,
-    adapter_name: str,
-    resume_step: int = 0,
-    wandb_id: str | None = None,
-) -> list:
-    """The CSV log (`logger.csv`, on unless logger=none) and the `logger` group's `_target_` (wandb), with
-    what only the run knows: its name, folder, id (a resumed run goes on as the same wandb run), config."""
-    options = OmegaConf.to_container(cfg.logger, resolve=True)
-    loggers: list = []
-    if options.pop("csv", True):
-        loggers.append(ResumableCSVLogger(resume_step=resume_step, save_dir=str(run_dir), name="csv", version=""))
-    target = options.pop("_target_", None)
-    if target is None:
-        return loggers
-    if uses_wandb(cfg):
-        options.update(
-            group=options.get("group") or cfg.study,
-            job_type=options.get("job_type") or adapter_name,
-            name=run_name,
-            id=wandb_id,
-            resume="allow",
-            save_dir=str(run_dir),
-            offline=options.get("mode") == "offline",
-            tags=list(options.get("tags") or []),
-            config=OmegaConf.to_container(cfg, resolve=True),
-        )
-    loggers.append(get_class(target)(**options))
-    return loggers
 
 
 def train(cfg: DictConfig) -> dict:
@@ -244,6 +207,7 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
         # one task a step (round_robin, ...) leaves the other heads without gradients
         tcfg["strategy"] = JobDDPStrategy(find_unused_parameters=cfg.data.schedule != "joint")
     tcfg.setdefault("use_distributed_sampler", False)  # the data module deals batches to ranks itself
+    tcfg["log_every_n_steps"] = log_interval(tcfg.get("log_every_n_steps", 50), dm, cfg.trainer.max_epochs)
     if ckpt:
         log.info("resuming from %s", ckpt)
     with ExitStack() as stack:
@@ -302,7 +266,7 @@ def finish_complete(cfg: DictConfig, run_dir: Path, res: dict) -> dict:
     if cfg.predict and not have_test and ran_without:
         res = predict_test(cfg, run_dir, res)
     if uses_wandb(cfg) and not res.get("wandb_id"):
-        res = replay_to_logger(cfg, run_dir, res)
+        res = replay(cfg, run_dir, res)
     return res
 
 
@@ -342,43 +306,16 @@ def predict_test(cfg: DictConfig, run_dir: Path, res: dict) -> dict:
     return res
 
 
-def replay_to_logger(cfg: DictConfig, run_dir: Path, res: dict) -> dict:
-    """A complete run's recorded epochs logged to a new wandb run (as training would have logged
-    them, at their steps), its id kept in results.json."""
-    res = {**res, "wandb_id": uuid.uuid4().hex[:16]}
-    options = OmegaConf.merge(cfg, {"logger": {"csv": False}})  # the CSV log is there already
-    adapter = (res.get("adapter") or {}).get("name") or str(cfg.adapter.get("name", "adapter"))
-    loggers = build_loggers(options, run_dir, res.get("run_name") or run_dir.name, adapter, 0, res["wandb_id"])
+def log_interval(most: int, dm: MultiTaskDataModule, epochs: int, points: int = 100) -> int:
+    """How often the training losses are logged: `trainer.log_every_n_steps` at most, and often enough
+    for about `points` points over the run (a 40-step run logs every step, not never)."""
+    if not isinstance(most, int) or most < 1:
+        return most
     try:
-        for record in res.get("history") or []:
-            flat = {f"train/{t}/{m}": v for t, ms in (record.get("train") or {}).items() for m, v in ms.items()}
-            for split, stage in STAGE.items():
-                flat.update(
-                    {f"{stage}/{t}/{m}": v for t, ms in (record.get(split) or {}).items() for m, v in ms.items()}
-                )
-            for key, name in (
-                ("train_avg", "train/avg"),
-                ("train_eval_avg", "train_eval/avg"),
-                ("select_avg", "select/avg"),
-                ("dev_avg", "val/avg"),
-            ):
-                if record.get(key) is not None:
-                    flat[name] = record[key]
-            flat = {k: v for k, v in flat.items() if isinstance(v, (int, float))}
-            flat["epoch"] = record.get("epoch")
-            for logger in loggers:
-                logger.log_metrics(flat, step=int(record.get("step") or record.get("epoch") or 0))
-        for logger in loggers:
-            logger.finalize("success")
-    finally:
-        import wandb
-
-        wandb.finish()
-    atomic_write_text(run_dir / "results.json", json.dumps(res, indent=2, default=float))
-    log.info(
-        "%s is complete; its %d epochs logged to wandb run %s", run_dir, len(res.get("history") or []), res["wandb_id"]
-    )
-    return res
+        steps = len(dm.sampler) * epochs  # the schedule's steps (not the loader: building it draws from its generator)
+    except (AttributeError, TypeError):  # no schedule with a length: the configured interval
+        return most
+    return max(1, min(most, steps // points))
 
 
 def use_gpu_lock(cfg: DictConfig) -> bool:
@@ -434,6 +371,7 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
         result = writer.write(trainer, module, status="complete", **extra)
         if trainer.is_global_zero:
             prune_checkpoints(run_dir, checkpoints_kept(cfg))
+            set_summary(trainer.loggers, result)  # wandb: the best epoch's metrics, params, cost, files
     except (KeyboardInterrupt, Interrupted) as err:
         record_end(writer, trainer, module, "interrupted", str(err) or "interrupted")
         raise

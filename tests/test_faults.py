@@ -959,3 +959,28 @@ def test_atomic_write_names_the_file_and_says_disk_full(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match=r"old\.txt: could not be written: disk full"):
         atomic_write_text(tmp_path / "old.txt", "new")
     assert (tmp_path / "old.txt").read_text() == "kept" and not list(tmp_path.glob(".*.tmp"))
+
+
+EXPORT_CASES = [
+    ("--out is a file", "<file>", [], "--out <file> is a file; give a folder"),
+    ("--out under a file", "<file>/export", [], "cannot be written"),
+    ("--out not empty", "<full>", [], "is not empty (1 entries); an export there would mix with them"),
+]
+
+
+@pytest.mark.parametrize("case,out,extra,message", EXPORT_CASES, ids=case_ids(EXPORT_CASES))
+def test_peft_export_checks_its_out_folder_before_exporting(finished_run, case, out, extra, message, tmp_path, capfd):
+    from peft_lightning.export import main as export
+
+    _, run = finished_run
+    (tmp_path / "file").write_text("a file\n")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("kept\n")
+    where = out.replace("<file>", str(tmp_path / "file")).replace("<full>", str(tmp_path / "full"))
+    before = snapshot(tmp_path, everything=True)
+    capfd.readouterr()
+    assert export([str(run), "--out", where, *extra]) == 2
+    err = capfd.readouterr().err
+    expected = message.replace("<file>", str(tmp_path / "file"))
+    assert expected in err and "Traceback" not in err, err[-2000:]
+    assert snapshot(tmp_path, everything=True) == before  # nothing written, nothing left behind

@@ -229,7 +229,7 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
         return [r for r in read_csv(run_dir / "csv" / "metrics.csv") if r["val/avg"]]
 
     ref, got = val_rows(tmp_path / "a"), val_rows(out)
-    assert [r["epoch"] for r in got] == [r["epoch"] for r in ref] == ["0", "1", "2"]
+    assert [float(r["epoch"]) for r in got] == [float(r["epoch"]) for r in ref] == [1, 2, 3]  # from 1, as results.json
     assert [float(r["val/avg"]) for r in got] == pytest.approx([float(r["val/avg"]) for r in ref], abs=1e-6)
     assert len(read_csv(out / "csv" / "metrics.csv")) == len(read_csv(tmp_path / "a" / "csv" / "metrics.csv"))
     # a complete run is not run again
@@ -242,7 +242,7 @@ def test_rerun_skips_complete_and_resume_matches_uninterrupted(tiny_model_dir, d
     assert not any("resuming from" in r.message for r in caplog.records)
     assert [h["epoch"] for h in forced["history"]] == [1, 2, 3] and forced["steps"] == 18
     assert forced["history"][0]["dev"] == full["history"][0]["dev"]
-    assert [r["epoch"] for r in val_rows(out)] == ["0", "1", "2"]  # a fresh run's file, not appended to
+    assert [float(r["epoch"]) for r in val_rows(out)] == [1, 2, 3]  # a fresh run's file, not appended to
 
 
 def build(tiny_model_dir, adapter, seed=0, fuse=False):

@@ -117,6 +117,7 @@ def read_file(
     labels: bool | None = True,
     on_bad_row: str = "raise",
     layout: str = "tsv",
+    ids: bool = True,
 ) -> Split:
     """Read and validate one file of a task's rows (`read_split` for a data directory's split).
 
@@ -127,6 +128,7 @@ def read_file(
         labels: True: the label column is required; False: ignored; None: read when the header has it.
         on_bad_row: `raise` or `skip`.
         layout: `tsv`, or `cs224n` for that layout's column names.
+        ids: the id column is required; False: optional, a file without one gets row numbers (1, 2, ...).
     """
     if not path.is_file():
         raise DataError(f"{path}: file not found (task {task.name})")
@@ -145,7 +147,8 @@ def read_file(
             header = [_CS224N_COLUMNS.get(c.strip(), c.strip()) for c in header]
         if with_labels is None:
             with_labels = task.label_column in header
-        needed = ["id", *task.text_columns] + ([task.label_column] if with_labels else [])
+        numbered = not ids and "id" not in header
+        needed = ([] if numbered else ["id"]) + [*task.text_columns] + ([task.label_column] if with_labels else [])
         missing = [c for c in needed if c not in header]
         if missing:
             raise DataError(f"{path}:1: missing column(s) {missing}; header is {header}, expected {needed}")
@@ -161,6 +164,8 @@ def read_file(
                     raise
                 skipped.append(str(err))
                 continue
+            if numbered:
+                id_ = str(len(ids) + 1)
             if id_ in first_line_of:
                 raise DataError(
                     f"{path}:{line}: field 'id': id {id_!r} repeats line {first_line_of[id_]}; "
@@ -203,8 +208,11 @@ def _parse_row(
             raise DataError(f"{path}:{line}: field {name!r}: row has {len(row)} fields, expected at least {i + 1}")
         return row[i].strip()
 
-    id_ = get("id")
-    if not id_:
+    if "id" not in col:  # an input without ids (read_file with `ids=False`): its row number
+        id_ = ""
+    else:
+        id_ = get("id")
+    if "id" in col and not id_:
         raise DataError(f"{path}:{line}: field 'id': empty; expected a non-empty id")
     text = tuple(get(c) for c in task.text_columns)
     for name, value in zip(task.text_columns, text):
