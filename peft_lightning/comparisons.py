@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import peft_lightning.stats as stats
+from peft_lightning.runs import Num
 from peft_lightning.stats import Interval
 from peft_lightning.tasks import TASK_NAMES, TASKS
 
@@ -182,20 +183,25 @@ def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]
     cells: dict[tuple, list[str]] = {}
     for key in groups:
         score = comp.score(key, None)
-        row = [f"{score.plain()} n={score.n}" if score else "-"]
+        row = [interval_cell(f"{score.plain()} n={score.n}", score) if score else Num("-")]
         if label:
             ref = reference_of(study, keys, key, list(groups))
             for task in [t for t, _ in MAIN] + [None]:
                 if key == ref:
-                    row.append("reference")
+                    row.append(Num("reference", value=0.0, lo=0.0, hi=0.0, n=None))
                     continue
                 d = comp.difference(key, ref, task) if task is None or task in comp.tasks else None
-                row.append(f"{d.signed()} n={d.n}" if d else "-")
+                row.append(interval_cell(f"{d.signed()} n={d.n}", d) if d else Num("-"))
         if with_floor:
             d = comp.difference(key, FLOOR_KEY, None)
-            row.append(f"{d.signed()} n={d.n}" if d else "-")
+            row.append(interval_cell(f"{d.signed()} n={d.n}", d) if d else Num("-"))
         cells[key] = row
     return header, cells, comp
+
+
+def interval_cell(text: str, interval) -> Num:
+    """An interval's cell: its text, and its estimate, ends and seeds as numbers (the CSVs' columns)."""
+    return Num(text, value=interval.value, lo=interval.low, hi=interval.high, n=interval.n)
 
 
 FLOOR_KEY = ("floor",)  # the bag-of-words run's row key in a comparison

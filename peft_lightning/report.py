@@ -14,10 +14,11 @@ from pathlib import Path
 
 from peft_lightning.comparisons import StudyComparison
 from peft_lightning.dashboards import replay_runs
+from peft_lightning.figures import plot_epochs, plot_study
 from peft_lightning.findings import MARGIN, findings
 from peft_lightning.floor import FLOOR_DIR, write_floor
 from peft_lightning.results import RESULTS
-from peft_lightning.runs import load_runs, mean, overrides, score, varying_keys
+from peft_lightning.runs import Num, load_runs, varying_keys
 from peft_lightning.tables import bold_best, epochs_table, multitask_table, protocol, study_table
 from peft_lightning.tasks import TASKS
 
@@ -47,68 +48,37 @@ def markdown(header: list[str], rows: list[list[str]]) -> str:
 
 
 def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """A table as CSV with numbers, not the report's text: a column of `runs.Num` cells becomes a
+    column per number behind them (`dev avg mean`, `dev avg std`, `dev avg n`; an interval's
+    `... value`, `... lo`, `... hi`, `... n`; a count keeps its name), empty where a row has none;
+    text columns (settings, status) stay text."""
+    columns = []
+    for j, name in enumerate(header):
+        fields: list[str] = []
+        for row in rows:
+            for field in getattr(row[j], "values", {}):
+                if field not in fields:
+                    fields.append(field)
+        if not any(isinstance(row[j], Num) for row in rows):
+            columns.append((name, lambda row, j=j: str(row[j]).replace("**", "")))
+            continue
+        if not fields:  # numbers, none of which any row has ("-" everywhere)
+            columns.append((name, lambda row: ""))
+            continue
+        for field in fields:
+            label = name if fields == ["value"] else f"{name} {field}"
+            columns.append((label, lambda row, j=j, field=field: number(getattr(row[j], "values", {}).get(field))))
     with path.open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        w.writerows([[c.replace("**", "") for c in r] for r in rows])
+        w.writerow([label for label, _ in columns])
+        w.writerows([[get(row) for _, get in columns] for row in rows])
 
 
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_figure(plt, fig, ax, path: Path, xlabel: str, ylabel: str) -> bool:
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def plot_sweep(path: Path, runs: list[dict], key: str, xlabel: str, parts: tuple[str, ...]) -> bool:
-    plt = pyplot()
-    points: dict[float, list[dict]] = {}
-    for r in runs:
-        if r.get("status") == "complete" and r.get("best") and key in overrides(r):
-            try:
-                points.setdefault(float(overrides(r)[key]), []).append(r)
-            except ValueError:
-                return False
-    if not points:
-        return False
-    xs = sorted(points)
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for (t, m), color in zip([("sst5", "acc"), ("qqp", "acc"), ("stsb", "pearson")], ["C0", "C1", "C2"]):
-        for p in parts:
-            ys = [mean([score(r["best"], p, t, m) for r in points[x]]) for x in xs]
-            ax.plot(xs, ys, marker="o", color=color, linestyle="-" if p == "dev" else "--", label=f"{p} {t} {m}")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [f"{x:g}" for x in xs])
-    return save_figure(plt, fig, ax, path, xlabel, "score (best epoch)")
-
-
-def plot_epochs(path: Path, runs: list[dict]) -> bool:
-    plt = pyplot()
-    done = [r for r in runs if r.get("history")]
-    if not done:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, r in enumerate(done):
-        name = (r.get("adapter") or {}).get("name", r["dir"])
-        ep = [h["epoch"] for h in r["history"]]
-        train = [h.get("train_eval_avg", h.get("train_avg")) for h in r["history"]]  # eval mode where measured
-        ax.plot(ep, train, linestyle="--", color=f"C{i}", label=f"{name} train")
-        ax.plot(ep, [h.get("dev_avg") for h in r["history"]], marker="o", color=f"C{i}", label=f"{name} dev")
-    return save_figure(plt, fig, ax, path, "epoch", "avg of SST-5 acc, QQP acc, STS-B Pearson")
+def number(value) -> str:
+    """A number as a CSV cell: ints as they are, floats to 10 significant digits, nothing as empty."""
+    if value is None or (isinstance(value, float) and value != value):
+        return ""
+    return str(value) if isinstance(value, int) else format(value, ".10g")
 
 
 def tuned_lrs(root: Path) -> list[str]:
@@ -228,9 +198,13 @@ def build_report(
             header, rows = multitask_table(srun)
         else:
             header, rows, numbers = study_table(study, srun, floor)
-            rows = bold_best(header, rows, numbers, len(varying_keys(srun)))
+        shown = (
+            bold_best(header, rows, numbers, len(varying_keys(srun)))
+            if study not in ("epochs", "multitask_vs_single")
+            else rows
+        )
         lines += [
-            markdown(header, rows),
+            markdown(header, shown),
             "",
             f"Protocol: {protocol(srun)}. {rows_line(study, srun)}CSV: `{study}.csv`",
             "",
@@ -238,16 +212,13 @@ def build_report(
         if study == "tuned":
             lines += tuned_lrs(root)
         write_csv(out / f"{study}.csv", header, rows)
-        if study == "lora_rank" and plot_sweep(
-            out / "lora_rank.png", srun, "adapter.rank", "LoRA rank r", ("train", "dev")
+        if study == "epochs":
+            if plot_epochs(out / "epochs.png", srun, TITLES["epochs"]):
+                lines += ["![train and dev avg per epoch](epochs.png)", ""]
+        elif study != "multitask_vs_single" and plot_study(
+            out / f"{study}.png", study, srun, TITLES.get(study, study), floor
         ):
-            lines += ["![metric vs rank](lora_rank.png)", ""]
-        if study == "prefix_length" and plot_sweep(
-            out / "prefix_length.png", srun, "adapter.length", "prefix length P", ("dev",)
-        ):
-            lines += ["![metric vs prefix length](prefix_length.png)", ""]
-        if study == "epochs" and plot_epochs(out / "epochs.png", srun):
-            lines += ["![train and dev vs epoch](epochs.png)", ""]
+            lines += [f"![{TITLES.get(study, study)}]({study}.png)", ""]
     lines += cost_section(runs, out)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
@@ -271,14 +242,17 @@ def cost_section(runs: list[dict], out: Path) -> list[str]:
     for name, rs in sorted(by_name.items()):
         wall = sum(r["wall_time_s"] for r in rs)
         timed = [r for r in rs if r.get("timing")]
-        cells = [name, str(len(rs)), f"{wall / len(rs):.1f}"]
+        cells = [name, Num(str(len(rs)), value=len(rs)), Num(f"{wall / len(rs):.1f}", value=wall / len(rs))]
         if timed:
             total = sum(r["wall_time_s"] for r in timed)
             shares = [sum(r["timing"].get(p, 0.0) for r in timed) / total for p in COST_PARTS]
-            cells += [f"{100 * s:.0f}" for s in shares] + [f"{100 * (1 - sum(shares)):.0f}"]
+            shares.append(1 - sum(shares))
+            cells += [Num(f"{100 * s:.0f}", value=100 * s) for s in shares]
         else:  # results.json of an older version: training time only
             train = sum(r.get("train_time_s") or 0 for r in rs) / wall
-            cells += ["-", "-", f"{100 * train:.0f}", "-", "-", f"{100 * (1 - train):.0f}"]
+            dash = Num("-", value=None)
+            cells += [dash, dash, Num(f"{100 * train:.0f}", value=100 * train), dash, dash]
+            cells += [Num(f"{100 * (1 - train):.0f}", value=100 * (1 - train))]
         rows.append(cells)
     shared = sum(1 for r in runs if r.get("shared_from"))
     write_csv(out / "cost.csv", header, rows)

@@ -123,13 +123,27 @@ def varying_keys(runs: list[dict]) -> list[str]:
     return [k for k in keys if len({overrides(r).get(k) for r in runs}) > 1] or keys[:1]
 
 
-def fmt(values: list[float], digits: int = 4) -> str:
+class Num(str):
+    """A table cell: the text a report shows, and the numbers behind it (`values`: mean, std, n; or
+    value, lo, hi, n), which the CSVs write as columns of their own (`report.write_csv`)."""
+
+    values: dict
+
+    def __new__(cls, text: str, **values):
+        cell = super().__new__(cls, text)
+        cell.values = values
+        return cell
+
+
+def fmt(values: list[float], digits: int = 4) -> Num:
+    """mean ± std over seeds (one value: itself), with the numbers behind the text."""
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
-        return "-"
+        return Num("-", mean=None, std=None, n=0)
     if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+        return Num(f"{values[0]:.{digits}f}", mean=values[0], std=None, n=1)
+    m, sd = statistics.mean(values), statistics.stdev(values)
+    return Num(f"{m:.{digits}f} ± {sd:.{digits}f}", mean=m, std=sd, n=len(values))
 
 
 def mean(values: list[float | None]) -> float | None:

@@ -10,7 +10,7 @@ long run. `multitask_table`: each task's score trained alone beside trained with
 from __future__ import annotations
 
 from peft_lightning.comparisons import interval_columns
-from peft_lightning.runs import complete, fmt, mean, overrides, score, strategy, varying_keys
+from peft_lightning.runs import Num, complete, fmt, mean, overrides, score, strategy, varying_keys
 from peft_lightning.tasks import TASK_NAMES, TASKS
 
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
@@ -50,7 +50,7 @@ def study_table(
         if extra:
             for path in (("params", "encoder", "trainable"), ("params", "with_heads", "trainable")):
                 vals = [_get(r, path) for r in ok]
-                cells.append(f"{int(vals[0]):,}" if vals and vals[0] is not None else "-")
+                cells.append(Num(f"{int(vals[0]):,}", value=int(vals[0])) if vals and vals[0] is not None else Num("-"))
                 nums.append(None)
             # step time without each fit's warm-up steps (compile); runs from before it have only the mean
             steady = [r.get("steady_step_ms") or r.get("step_time_ms") for r in ok]
@@ -59,7 +59,7 @@ def study_table(
                 nums.append(None)
         cells += ci_cells[key]
         nums += [None] * len(ci_header)
-        cells += [str(len(ok)), "; ".join(problems) or "ok"]
+        cells += [Num(str(len(ok)), value=len(ok)), "; ".join(problems) or "ok"]
         rows.append(cells)
         numbers.append(nums)
     return header, rows, numbers
@@ -117,7 +117,7 @@ def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
             if h is None:
                 rows.append(
                     [name, str(mark)]
-                    + ["-"] * (len(header) - 3)
+                    + [Num("-")] * (len(header) - 3)
                     + [r.get("status", "?") + (": " + r["error"] if r.get("error") else "")]
                 )
                 continue
@@ -181,7 +181,7 @@ def multitask_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
         singles = [wall[(t,)] for t in TASK_NAMES]
         cells += [fmt([] if None in singles else [sum(singles)], 0), fmt([wall[TASK_NAMES]], 0)]
         seeds = {r.get("seed") for r in ok}
-        cells += [str(len(seeds)), "; ".join(problems) or "ok"]
+        cells += [Num(str(len(seeds)), value=len(seeds)), "; ".join(problems) or "ok"]
         rows.append(cells)
     return header, rows
 
@@ -198,9 +198,9 @@ def _tasks(run: dict) -> tuple[str, ...]:
     return tuple(t for t in TASK_NAMES if t in named)
 
 
-def _signed(values: list[float]) -> str:
-    text = fmt(values)
-    return text if text == "-" or text.startswith("-") else "+" + text
+def _signed(values: list[float]) -> Num:
+    cell = fmt(values)
+    return cell if cell == "-" or cell.startswith("-") else Num("+" + cell, **cell.values)
 
 
 def protocol(runs: list[dict]) -> str:

@@ -311,3 +311,20 @@ def wandb_run(run_dir: Path) -> dict:
                 {i.key or "/".join(i.nested_key): _json.loads(i.value_json) for i in rec.history.item}
             )
     return out
+
+
+TEXT_COLUMNS = {"adapter", "status", "strategy", "epoch"}  # settings and how a run ended; the rest are numbers
+
+
+def assert_numeric_csvs(folder: Path) -> None:
+    """Every CSV the report wrote: each cell of a column that is not a setting or a status parses as a number."""
+    import csv
+
+    for path in sorted(folder.glob("*.csv")):
+        with path.open(newline="") as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            for column, cell in row.items():
+                if column in TEXT_COLUMNS or "." in column.split(" ")[0] or not cell:
+                    continue  # a setting (adapter.rank, ...), a status, or a row without that number
+                float(cell)  # raises on display text ("0.40 ± 0.02", "1,627,016", "[0.1, 0.2] n=2")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import assert_numeric_csvs
+
 from peft_lightning.report import build_report
 
 
@@ -49,7 +51,15 @@ def scores(a, b, c):
     return {"sst5": {"acc": a}, "qqp": {"acc": b, "f1": b - 0.1}, "stsb": {"pearson": c, "spearman": c}}
 
 
-def test_report_tables(tmp_path):
+def test_report_tables(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    close = plt.close
+    close("all")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)  # the figures stay open, to be looked at here
     root = tmp_path / "mr"
     fake(root, "main", ["adapter=full"], scores(0.5, 0.8, 0.7))
     fake(root, "main", ["adapter=lora"], scores(0.45, 0.85, 0.6))
@@ -102,7 +112,30 @@ def test_report_tables(tmp_path):
     epoch_rows = [line for line in epochs_section.splitlines() if line.startswith("| full |")]
     assert [r.split("|")[2].strip() for r in epoch_rows] == ["1", "2", "4"]
     assert (tmp_path / "out" / "lora_rank.png").stat().st_size > 1000 and (tmp_path / "out" / "epochs.png").is_file()
-    assert (tmp_path / "out" / "main.csv").read_text().splitlines()[0].startswith("adapter,dev sst5 acc")
+    figures = [plt.figure(n) for n in plt.get_fignums()]
+    headings = [f._suptitle.get_text() for f in figures]
+    assert len(figures) == 4 and all("budget" in h and "seeds" in h for h in headings), (
+        headings
+    )  # main, epochs, rank, peft_methods
+    epochs = next(f for f, h in zip(figures, headings) if h.startswith("Epoch budgets"))
+    ticks = epochs.get_axes()[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)  # whole epochs, not 1.2, 1.4
+    rank = next(f for f, h in zip(figures, headings) if h.startswith("LoRA rank"))
+    assert [ax.get_title() for ax in rank.get_axes()] == [
+        "SST-5 acc",
+        "QQP acc",
+        "STS-B pearson",
+        "dev avg (the three)",
+    ]
+    assert any(line.get_linestyle() == "--" for line in rank.get_axes()[0].get_lines())  # train, dashed
+    close("all")
+    assert (
+        (tmp_path / "out" / "main.csv")
+        .read_text()
+        .splitlines()[0]
+        .startswith("adapter,dev sst5 acc mean,dev sst5 acc std")
+    )
+    assert_numeric_csvs(tmp_path / "out")
     assert "not clean transfer" in text  # MiniLM's QQP caveat
 
 
@@ -143,7 +176,8 @@ def test_multitask_table_pairs_each_task_alone_with_the_joint_run(tmp_path):
     full = dict(zip(cells("| adapter"), cells("| full")))
     assert full["sst5 acc alone"] == "-" and full["sst5 acc together"] == "0.5000" and full["sst5 acc change"] == "-"
     assert "no complete sst5-only run" in full["status"] and "no complete stsb-only run" in full["status"]
-    assert (tmp_path / "out" / "multitask_vs_single.csv").read_text().startswith("adapter,sst5 acc alone,")
+    assert (tmp_path / "out" / "multitask_vs_single.csv").read_text().startswith("adapter,sst5 acc alone mean,")
+    assert_numeric_csvs(tmp_path / "out")
 
 
 BAD_RESULTS = [

@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import assert_numeric_csvs
 from scipy.optimize import brentq
 from scipy.stats import norm, pearsonr, spearmanr
 
@@ -205,7 +206,16 @@ def test_holm_adjusts_a_claims_comparisons():
 # ---- in a report ------------------------------------------------------------------------------------
 
 
-def test_report_has_intervals_checked_findings_and_prefix_mlp_as_hydra_names_it(tmp_path):
+def test_report_has_intervals_checked_findings_and_prefix_mlp_as_hydra_names_it(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.container import ErrorbarContainer
+
+    close = plt.close
+    close("all")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)  # the figures stay open, to be looked at here
     n = 1500
     quality = {"full": 0.75, "lora": 0.6, "prefix": 0.6}
     for name, q in quality.items():
@@ -247,3 +257,24 @@ def test_report_has_intervals_checked_findings_and_prefix_mlp_as_hydra_names_it(
     mlp = text[text.index("## Prefix tuning with and without") :]
     true_row = next(line for line in mlp.splitlines() if line.startswith("| 2 | true |"))
     assert true_row.count(" *") == 4 and "| 2 | false |" in mlp  # every difference to the MLP-less row, marked
+    # the figures: titled, one axis per metric, the tables' intervals as error bars, prefix_mlp against P
+    figures = [plt.figure(n) for n in plt.get_fignums()]
+    assert len(figures) == 2
+    for fig in figures:
+        heading = fig._suptitle.get_text()
+        assert (
+            "budget" in heading
+            and "seeds 1, 2, 3" in heading
+            and "dev rows SST-5 1,500, QQP 1,500, STS-B 1,500" in heading
+        )
+        axes = fig.get_axes()
+        assert [ax.get_title() for ax in axes] == ["SST-5 acc", "QQP acc", "STS-B pearson", "dev avg (the three)"]
+        for ax in axes:
+            bars = [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+            assert bars and all(c.has_yerr for c in bars)
+    titles = sorted(f._suptitle.get_text().splitlines()[0] for f in figures)
+    assert titles == ["Main comparison (dev)", "Prefix tuning with and without the MLP reparameterisation (dev)"]
+    mlp_fig = next(f for f in figures if f._suptitle.get_text().startswith("Prefix"))
+    assert mlp_fig.get_axes()[0].get_xlabel() == "adapter.length" and len(mlp_fig.get_axes()[0].containers) == 2
+    assert_numeric_csvs(tmp_path)  # the intervals' columns are numbers too
+    close("all")
