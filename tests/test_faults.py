@@ -984,3 +984,23 @@ def test_peft_export_checks_its_out_folder_before_exporting(finished_run, case, 
     expected = message.replace("<file>", str(tmp_path / "file"))
     assert expected in err and "Traceback" not in err, err[-2000:]
     assert snapshot(tmp_path, everything=True) == before  # nothing written, nothing left behind
+
+
+def test_peft_reproduces_last_line_counts_what_did_not_complete(tmp_path):
+    """peft-reproduce's "k of N jobs complete": failed, interrupted and never-run jobs are named as such."""
+    import io
+
+    from peft_lightning.plan import Job, Progress
+
+    jobs = [Job("main", [], tmp_path / name, "lora", 1) for name in ("a", "b", "c", "d")]
+    out = io.StringIO()
+    progress = Progress(jobs, out=out)
+    for job, status in zip(jobs, ("complete", "failed", "interrupted")):
+        job.run_dir.mkdir()
+        (job.run_dir / "results.json").write_text(json.dumps({"status": status}))
+    progress.poll()
+    assert progress.tally() == "1 of 4 jobs complete (1 failed, 1 interrupted, 1 not run)"
+    assert len(out.getvalue().splitlines()) == 3  # a progress line for each job that ended
+    for job in jobs[:3]:
+        (job.run_dir / "results.json").write_text(json.dumps({"status": "failed"}))
+    assert Progress(jobs, out=io.StringIO()).tally() == "0 of 4 jobs complete (4 not run)"
