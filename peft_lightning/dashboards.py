@@ -25,11 +25,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.config import conf_dir
 from peft_lightning.files import atomic_write_text
+from peft_lightning.module import STAGE as EVAL_STAGE
 from peft_lightning.results import ResumableCSVLogger, best_epoch
 
 log = logging.getLogger("peft_lightning")
 
-STAGE = {"dev": "val", "select": "select", "train_eval": "train_eval", "train": "train"}  # the logged prefixes
+STAGE = {**EVAL_STAGE, "train": "train"}  # the prefixes training logs each split's metrics under
 AVERAGES = {
     "dev_avg": "val/avg",
     "select_avg": "select/avg",

@@ -126,7 +126,7 @@ def export_peft(run: RunModel, out: Path) -> None:
 
     adapter = run.model.adapter
     adapter.unmerge()  # the factors themselves, not a merged weight
-    config = {**adapter.peft_config(), "base_model_name_or_path": base_model_name(run.config["model"])}
+    config = exact_targets({**adapter.peft_config(), "base_model_name_or_path": base_model_name(run.config["model"])})
     hf = BertModel(hf_config(run), add_pooling_layer=run.model.encoder.pooler is not None)
     pm = peft.get_peft_model(hf, peft.get_peft_config(config))
     for name, layer in zip(adapter.target_names, adapter.layers):
@@ -136,7 +136,6 @@ def export_peft(run: RunModel, out: Path) -> None:
             param = slot.weight if isinstance(slot, torch.nn.Module) else slot
             param.data.copy_(tensor.data.float().view_as(param))
     pm.save_pretrained(out, safe_serialization=True)
-    exact_targets(out / "adapter_config.json", list(adapter.target_names), config.get("feedforward_modules"))
 
 
 def base_model_name(model: dict) -> str:
@@ -147,18 +146,18 @@ def base_model_name(model: dict) -> str:
     return resolve_source(model["source"])
 
 
-def exact_targets(config_path: Path, names: list[str], feedforward: list[str] | None = None) -> None:
-    """`target_modules` as a regex matching exactly the layers that have factors. PEFT shortens a
-    long list of names to suffixes on saving (`dense`), which also match a BertModel's
-    `pooler.dense`: its load then warns of missing pooler keys. A string is PEFT's full-match regex.
-    (IA)^3's `feedforward_modules` (which targets rescale their input) are written the same way."""
+def exact_targets(config: dict) -> dict:
+    """`target_modules` (and (IA)^3's `feedforward_modules`) as a regex matching exactly the layers
+    with factors. PEFT shortens a long list of names to suffixes on saving (`dense`), which also
+    match a BertModel's `pooler.dense`: its load then warns of missing pooler keys. A string is
+    PEFT's full-match regex, and it saves a string as it is."""
     import re
 
-    config = json.loads(config_path.read_text())
-    config["target_modules"] = "^(" + "|".join(re.escape(n) for n in names) + ")$"
-    if feedforward is not None:
-        config["feedforward_modules"] = "^(" + "|".join(re.escape(n) for n in feedforward) + ")$"
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    out = dict(config)
+    for key in ("target_modules", "feedforward_modules"):
+        if isinstance(out.get(key), list):
+            out[key] = "^(" + "|".join(re.escape(n) for n in out[key]) + ")$"
+    return out
 
 
 def export_heads(run: RunModel, out: Path) -> None:

@@ -74,6 +74,19 @@ def exit_interrupted(err: Interrupted, what: str = "") -> None:
     sys.exit(err.exit_code)
 
 
+def run_command(prog: str, main, argv: list[str] | None, usage_errors: tuple = ()) -> None:
+    """`main(argv)` as the command `prog`: SIGTERM / SIGINT end it with 143 / 130 (`exit_interrupted`),
+    an error of `usage_errors` with its message and exit 2."""
+    with on_signals():
+        try:
+            main(argv)
+        except Interrupted as err:
+            exit_interrupted(err, prog)
+        except usage_errors as err:
+            print(f"{prog}: {err}", file=sys.stderr)
+            sys.exit(2)
+
+
 def forward(cmd: list[str]) -> int:
     """`subprocess.run(cmd).returncode`, except that an interruption of this process is passed on to
     the child, which records its run and exits, before this process goes on interrupted."""

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from peft_lightning.config import ConfigError, check_budget, compose, conf_dir
-from peft_lightning.interrupt import Interrupted, exit_interrupted, forward, on_signals
+from peft_lightning.interrupt import forward, run_command
 from peft_lightning.plan import (
     Costs,
     Progress,
@@ -64,14 +64,7 @@ def parse(argv: list[str]) -> tuple[str, list[str], list[str]]:
 def main(argv: list[str] | None = None) -> None:
     """The command; SIGTERM / SIGINT are passed on to the running sweep, which records its job as
     interrupted, and end this command with 143 / 130 (the same command resumes)."""
-    with on_signals():
-        try:
-            _main(argv)
-        except Interrupted as err:
-            exit_interrupted(err, "peft-reproduce")
-        except ConfigError as err:
-            print(f"peft-reproduce: {err}", file=sys.stderr)
-            sys.exit(2)
+    run_command("peft-reproduce", _main, argv, usage_errors=(ConfigError,))
 
 
 def _main(argv: list[str] | None = None) -> None:

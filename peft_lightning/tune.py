@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from peft_lightning.config import ConfigError, check_budget, compose
-from peft_lightning.interrupt import Interrupted, exit_interrupted, forward, on_signals
+from peft_lightning.interrupt import forward, run_command
 from peft_lightning.optim import TUNED_ROLE
 from peft_lightning.plan import Costs, Progress, fmt_s, plan_options, print_plan, sweep_dir, tuned_jobs
 from peft_lightning.reproduce import report_and_exit
@@ -81,14 +81,7 @@ def train_cmd(experiment: str, budget: str, *args: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     """The command; SIGTERM / SIGINT are passed on to the running sweep (see `peft-reproduce`)."""
-    with on_signals():
-        try:
-            _main(argv)
-        except Interrupted as err:
-            exit_interrupted(err, "peft-tune")
-        except ConfigError as err:
-            print(f"peft-tune: {err}", file=sys.stderr)
-            sys.exit(2)
+    run_command("peft-tune", _main, argv, usage_errors=(ConfigError,))
 
 
 def _main(argv: list[str] | None = None) -> None:
