@@ -47,14 +47,38 @@ IGNORED_MODEL = {"hub_id"}  # where an export says the backbone comes from
 
 
 def training_identity(config: dict) -> dict:
-    """What makes two runs the same run (see the module doc)."""
+    """What makes two runs the same run (see the module doc). `optim.tuned_lr` is folded into the lr
+    it sets, so peft-tune's final run at the lr a budget already trains its strategy at is that run."""
     out = {k: v for k, v in config.items() if k not in IGNORED}
+    if isinstance(out.get("optim"), dict) and "tuned_lr" in out["optim"]:
+        out["optim"] = fold_tuned_lr(out["optim"], strategy_name(out.get("adapter")))
     if isinstance(out.get("data"), dict):
         out["data"] = {k: v for k, v in out["data"].items() if k not in IGNORED_DATA}
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in IGNORED_TRAINER}
     if isinstance(out.get("model"), dict):
         out["model"] = {k: v for k, v in out["model"].items() if k not in IGNORED_MODEL}
+    return out
+
+
+def strategy_name(adapter) -> str:
+    """The strategy of a config's `adapter:` block (its class's `name`)."""
+    target = str((adapter or {}).get("_target_", "?")) if isinstance(adapter, dict) else "?"
+    try:
+        from hydra.utils import get_class
+
+        return get_class(target).name
+    except Exception:  # an adapter this install cannot import: its class name
+        return target.rsplit(".", 1)[-1].lower()
+
+
+def fold_tuned_lr(optim: dict, strategy: str) -> dict:
+    """`optim:` with `tuned_lr` written into the lr it sets for `strategy` (optim.TUNED_ROLE)."""
+    from peft_lightning.optim import TUNED_ROLE
+
+    out = {k: v for k, v in optim.items() if k != "tuned_lr"}
+    if optim.get("tuned_lr") is not None:
+        out[TUNED_ROLE.get(strategy, "adapter_lr")] = float(optim["tuned_lr"])
     return out
 
 

@@ -64,6 +64,11 @@ def test_training_identity_leaves_out_what_does_not_change_a_run(tiny_model_dir,
     assert ident("data.cache_dir=/elsewhere", "trainer.enable_progress_bar=true") == base
     for changed in ("seed=3", "adapter.rank=4", "trainer.max_epochs=2", "predict=false", "data.score_dev=every_epoch"):
         assert ident(changed) != base, changed
+    # peft-tune's final run at the lr a budget already gives the strategy is that run (tuned_lr folded in)
+    assert ident("optim.tuned_lr=3e-4") == ident("optim.adapter_lr=3e-4") != base
+    assert ident("adapter=full", "optim.tuned_lr=3e-5") == ident("adapter=full", "optim.lr=3e-5")
+    assert ident("adapter=frozen", "optim.tuned_lr=3e-4") == ident("adapter=frozen", "optim.head_lr=3e-4")
+    assert ident("adapter=full", "optim.tuned_lr=3e-5") != ident("adapter=full", "optim.adapter_lr=3e-5")
 
 
 def test_the_plan_shares_a_later_job_with_an_earlier_one_and_counts_every_job(tmp_path):
