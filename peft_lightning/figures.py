@@ -185,3 +185,41 @@ def _mean_score(runs: list[dict], task: str | None, metric: str, part: str) -> f
         else:
             values.append(score(best, where, task, TASKS[task].main_metric))
     return mean(values)
+
+
+def plot_search(path: Path, searches: list[dict], importances: dict[str, dict[str, float]]) -> bool:
+    """peft-tune search=optuna: per strategy, each trial's selection score in trial order (pruned
+    trials at their last reported score, marked x) and, where a study searched two axes or more,
+    Optuna's fANOVA importance of each axis."""
+    searches = [s for s in searches if s.get("scores")]
+    if not searches:
+        return False
+    plt = pyplot()
+    with_imp = [s["strategy"] for s in searches if importances.get(s["strategy"])]
+    cols = len(searches) + len(with_imp)
+    fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 3.6), squeeze=False)
+    for ax, s in zip(axes[0], searches):
+        for state, marker in (("complete", "o"), ("pruned", "x")):
+            pts = [
+                (t["trial"], t["score"] if t["score"] is not None else t.get("last"))
+                for t in s["scores"]
+                if t["state"] == state
+            ]
+            pts = [(x, y) for x, y in pts if y is not None]
+            if pts:
+                ax.plot(*zip(*pts), marker, label=f"{state} ({len(pts)})")
+        ax.set_title(f"{s['strategy']}: trials")
+        ax.set_xlabel("trial")
+        ax.set_ylabel("select avg")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    for ax, name in zip(axes[0][len(searches) :], with_imp):
+        imp = importances[name]
+        ax.barh(list(imp), list(imp.values()))
+        ax.set_title(f"{name}: parameter importance (fANOVA)")
+        ax.set_xlim(0, 1)
+    fig.suptitle("Optuna search (selection split, one seed)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

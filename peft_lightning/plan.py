@@ -26,8 +26,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from peft_lightning.config import compose
-from peft_lightning.sharing import complete_runs, find_shared, training_identity
+from peft_lightning.config import ConfigError, compose
+from peft_lightning.sharing import complete_runs, covers, find_shared
 
 
 @dataclass
@@ -91,14 +91,14 @@ def study_jobs(study: str, budget: str, rest: list[str], shared_root: Path | Non
 def share_within(jobs: list[Job]) -> list[Job]:
     """A job to run whose training config an earlier job of the plan has: shared from that job's
     folder once it is complete (the sweeps run one study after another)."""
-    first: dict[str, Job] = {}
+    earlier: list[Job] = []
     for job in jobs:
         if not job.config:
             continue
-        key = json.dumps(training_identity(job.config), sort_keys=True, default=str)
-        if key in first and job.state == "to run":
-            job.state, job.source = "shared", first[key].run_dir
-        first.setdefault(key, job)
+        source = next((e for e in earlier if covers(e.config, job.config)), None)
+        if source is not None and job.state == "to run":
+            job.state, job.source = "shared", source.run_dir
+        earlier.append(job)
     return jobs
 
 
@@ -307,12 +307,38 @@ def print_plan(jobs: list[Job], costs: Costs, extra: list[str] | None = None) ->
     print("plan:\n" + describe(jobs, costs, extra), flush=True)
 
 
+TUNE_KEYS = ("tune.strategies", "tune.grid", "tune.grids")
+
+
+def search_grids(cfg) -> dict[str, list[float]]:
+    """Each strategy's lr grid: its `tune.grids` entry, or `tune.grid`."""
+    grids = cfg.tune.get("grids") or {}
+    out = {}
+    for name in cfg.tune.strategies:
+        grid = [float(lr) for lr in (grids.get(name) or cfg.tune.grid)]
+        if not grid or any(lr <= 0 for lr in grid):
+            raise ConfigError(f"tune.grids.{name} / tune.grid: {grid}; expected positive lrs")
+        out[str(name)] = grid
+    return out
+
+
+def search_args(name: str, grid: list[float], seed: int, rest: list[str]) -> list[str]:
+    """The search sweep's arguments for one strategy (its own grid), the caller's tune.* overrides
+    replaced by this strategy's."""
+    lrs = ",".join(f"{lr:g}" for lr in grid)
+    kept = [a for a in rest if a.lstrip("+~").partition("=")[0] not in TUNE_KEYS]
+    return [f"seed={seed}", f"tune.strategies=[{name}]", f"tune.grid=[{lrs}]", *kept]
+
+
 def tuned_jobs(budget: str, rest: list[str]) -> tuple[list[Job], str]:
     """The search's jobs, and the final runs' (one per strategy and seed, at an lr the search picks:
     their folders are known once they run), priced like the search's jobs of their strategy."""
     cfg = compose([f"budget={budget}", *rest])
     strategies, seeds = list(cfg.tune.strategies), list(cfg.budget.seeds)
-    search = study_jobs("tune_lr", budget, [f"seed={seeds[0]}", *rest])
+    grids = search_grids(cfg)
+    search = [
+        j for name in strategies for j in study_jobs("tune_lr", budget, search_args(name, grids[name], seeds[0], rest))
+    ]
     final_dir = sweep_dir("tuned", budget, rest)
     epochs = int(compose(["experiment=tuned", f"budget={budget}", *rest]).trainer.max_epochs)
     final = []

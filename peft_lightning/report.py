@@ -12,9 +12,10 @@ import csv
 import json
 from pathlib import Path
 
+from peft_lightning import search
 from peft_lightning.comparisons import StudyComparison
 from peft_lightning.dashboards import replay_runs
-from peft_lightning.figures import plot_epochs, plot_study
+from peft_lightning.figures import plot_epochs, plot_search, plot_study
 from peft_lightning.findings import MARGIN, findings
 from peft_lightning.floor import FLOOR_DIR, write_floor
 from peft_lightning.results import RESULTS
@@ -38,6 +39,7 @@ TITLES = {
     "peft_methods": "PEFT methods: the study's four strategies and (IA)^3 (dev)",
     "tune_lr": "Learning-rate search per strategy (dev, one seed)",
     "tuned": "Each strategy at its own tuned learning rate (dev)",
+    "tune_optuna": "Optuna search trials (selection split, one seed)",
 }
 
 
@@ -103,6 +105,56 @@ def tuned_lrs(root: Path) -> list[str]:
             markdown(["strategy", "lr", "sets", "search score", "grid"], rows),
             "",
         ]
+    return lines
+
+
+def _params(params: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def search_section(root: Path, out: Path) -> list[str]:
+    """peft-tune search=optuna, read from its journal: per strategy the best configuration, the
+    trials (complete, pruned, failed), the epochs pruning saved, values at the edge of their range,
+    and a figure of the trials' scores with Optuna's parameter importances."""
+    folder = next((p.parent.parent for p in sorted(root.rglob(f"{search.STUDY}/journal.log"))), None)
+    if folder is None:
+        return []
+    found = [s for s in (search.summary(folder, name) for name in search.strategies(folder)) if s]
+    rows = []
+    for s in found:
+        best, total = s.get("best"), s.get("epochs_without_pruning", 0)
+        saved = total - s.get("epochs_trained", 0)
+        rows.append(
+            [
+                s["strategy"],
+                _params(best["params"]) if best else "-",
+                f"{best['score']:.4f} (trial {best['trial']})" if best else "-",
+                f"{s['trials']} ({s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed)",
+                f"{saved} of {total} ({saved / max(1, total):.0%})" if best else "-",
+                "; ".join(s.get("at_edge") or []) or "no",
+            ]
+        )
+    header = ["strategy", "best configuration", "select avg", "trials", "epochs saved by pruning", "at the edge"]
+    lines = [
+        "Optuna search (`peft-tune search=optuna`: TPE, pruned on the selection split's avg after each epoch; "
+        "the final runs in `tuned` train with other seeds):",
+        "",
+        markdown(header, rows),
+        "",
+    ]
+    trials = []
+    for s in found:
+        for t in s["scores"]:
+            if t["score"] is not None:
+                shown = f"{t['score']:.4f}"
+            else:
+                shown = f"({t['last']:.4f} when stopped)" if t.get("last") is not None else "-"
+            trials.append([s["strategy"], str(t["trial"]), t["state"], shown, str(t["epochs"]), _params(t["params"])])
+    write_csv(out / "search_trials.csv", ["strategy", "trial", "state", "select avg", "epochs", "params"], trials)
+    lines += ["Every trial: `search_trials.csv`.", ""]
+    imps = {s["strategy"]: search.importances(folder, s["strategy"]) for s in found}
+    if plot_search(out / "search.png", found, imps):
+        lines += ["![Optuna search: trials and parameter importances](search.png)", ""]
     return lines
 
 
@@ -211,6 +263,8 @@ def build_report(
         ]
         if study == "tuned":
             lines += tuned_lrs(root)
+        if study == "tune_optuna":
+            lines += search_section(root, out)
         write_csv(out / f"{study}.csv", header, rows)
         if study == "epochs":
             if plot_epochs(out / "epochs.png", srun, TITLES["epochs"]):

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from peft_lightning.files import atomic_write_text
+from peft_lightning.optim import TUNED_ROLE
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,6 @@ def strategy_name(adapter) -> str:
 
 def fold_tuned_lr(optim: dict, strategy: str) -> dict:
     """`optim:` with `tuned_lr` written into the lr it sets for `strategy` (optim.TUNED_ROLE)."""
-    from peft_lightning.optim import TUNED_ROLE
-
     out = {k: v for k, v in optim.items() if k != "tuned_lr"}
     if optim.get("tuned_lr") is not None:
         out[TUNED_ROLE.get(strategy, "adapter_lr")] = float(optim["tuned_lr"])
@@ -99,13 +98,21 @@ def complete_runs(root: Path) -> list[tuple[Path, dict]]:
     return runs
 
 
+def covers(source: dict, job: dict) -> bool:
+    """Whether a complete run of config `source` is the run `job` asks for: the same training
+    identity, where a run that also wrote test predictions covers a job that asks for none
+    (peft-tune's search runs, predict=false, are the studies' runs at the same lr and seed)."""
+    a, b = training_identity(source), training_identity(job)
+    predicts = (a.pop("predict", True), b.pop("predict", True))
+    return a == b and (predicts[0] or not predicts[1])
+
+
 def find_shared(config: dict, run_dir: Path, root: Path, runs: list | None = None) -> tuple[Path, dict] | None:
-    """A complete run under `root`, other than `run_dir`, with `config`'s training identity."""
+    """A complete run under `root`, other than `run_dir`, that `covers` the run `config` asks for."""
     if not _inside(run_dir, root):
         return None
-    want = training_identity(config)
     for folder, res in complete_runs(root) if runs is None else runs:
-        if folder.resolve() != run_dir.resolve() and training_identity(res["config"]) == want:
+        if folder.resolve() != run_dir.resolve() and covers(res["config"], config):
             return folder, res
     return None
 

@@ -43,6 +43,8 @@ class SweepTally(Callback):
         run_dir = Path(str(config.output_dir))
         res = read_results(run_dir) or {}
         status = res.get("status") or "failed"
+        if (config.get("tune") or {}).get("worker") is not None:  # a search worker: its trials are runs of their own
+            status, res = "complete", {}
         if job_return is not None and str(getattr(job_return, "status", "")) == "JobStatus.FAILED":
             status = "failed"
         note = {"run": str(run_dir), "status": status, "error": res.get("error")}

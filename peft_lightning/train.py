@@ -59,6 +59,7 @@ from peft_lightning.rundir import (
     read_checkpoint_meta,
     remove_partial_files,
 )
+from peft_lightning.search import worker_job
 from peft_lightning.sharing import config_differences, describe_differences, find_shared, source_dir, take_shared
 
 log = logging.getLogger("peft_lightning")
@@ -112,8 +113,9 @@ def precision_for(cfg_precision: str, accelerator: str) -> str:
     return "bf16-mixed" if gpu else "32-true"
 
 
-def train(cfg: DictConfig) -> dict:
+def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
     """Train, predict and write results for one configuration; returns results.json's content.
+    `callbacks`: more Lightning callbacks (peft-tune's Optuna pruning: a run it stops is `pruned`).
 
     Before anything trains: the config's epochs are checked, the run directory is made and proven
     writable, and this process takes the directory's lock (rank 0 only under DDP; the other ranks
@@ -132,10 +134,10 @@ def train(cfg: DictConfig) -> dict:
             stack.enter_context(RunLock(run_dir))
             for partial in remove_partial_files(run_dir):
                 log.info("removed %s, left by a write that did not finish", partial)
-        return _train(cfg, run_dir, t0)
+        return _train(cfg, run_dir, t0, callbacks or [])
 
 
-def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
+def _train(cfg: DictConfig, run_dir: Path, t0: float, callbacks: list) -> dict:
     previous = None if cfg.force else read_results(run_dir)
     if previous is not None:
         same_run_or_stop(cfg, run_dir, previous)
@@ -215,7 +217,8 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float) -> dict:
             gpu = stack.enter_context(gpu_slot(torch.cuda.device_count(), cfg.gpus.jobs_per_gpu, cfg.gpus.lock_dir))
             log.info("job pinned to GPU %d", gpu)
             tcfg.update(accelerator="gpu", devices=[gpu])
-        return fit_and_predict(cfg, tcfg, module, dm, writer, (ckpt_cb, last_cb), run_dir, run_name, adapter.name, ckpt)
+        cbs = (ckpt_cb, last_cb, *callbacks)
+        return fit_and_predict(cfg, tcfg, module, dm, writer, cbs, run_dir, run_name, adapter.name, ckpt)
 
 
 def same_run_or_stop(cfg: DictConfig, run_dir: Path, previous: dict) -> None:
@@ -376,7 +379,16 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
         record_end(writer, trainer, module, "interrupted", str(err) or "interrupted")
         raise
     except Exception as err:
-        record_end(writer, trainer, module, "failed", describe_os_error(err))
+        if pruned(err):  # peft-tune's pruner stopped a losing trial: not a failure
+            record_end(
+                writer,
+                trainer,
+                module,
+                "pruned",
+                f"stopped by the search's pruner after epoch {trainer.current_epoch + 1}",
+            )
+        else:
+            record_end(writer, trainer, module, "failed", describe_os_error(err))
         raise
     finally:
         if uses_wandb(cfg):
@@ -384,6 +396,12 @@ def fit_and_predict(cfg, tcfg, module, dm, writer, checkpoint_cbs, run_dir, run_
 
             wandb.finish()
     return result
+
+
+def pruned(err: BaseException) -> bool:
+    """Whether `err` is Optuna's TrialPruned (raised by its Lightning pruning callback)."""
+    module = sys.modules.get("optuna")
+    return module is not None and isinstance(err, module.TrialPruned)
 
 
 def record_end(writer: ResultsWriter, trainer, module, status: str, error: str) -> None:
@@ -525,6 +543,9 @@ def run(cfg: DictConfig) -> float | None:
 
     multirun = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     quiet()
+    if cfg.get("tune", {}).get("worker") is not None:  # a worker of peft-tune's parallel Optuna search
+        worker_job(cfg, train)
+        return None
     try:
         result = train(cfg)
     except Interrupted as err:  # recorded; the sweep stops here too, and main exits 143 / 130

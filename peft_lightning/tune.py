@@ -1,19 +1,30 @@
-"""`peft-tune budget=quick data.dir=<folder>`: a fair comparison, each strategy at its own best lr.
+"""`peft-tune budget=quick data.dir=<folder>`: a fair comparison, each strategy at its own best configuration.
 
-1. The search (`experiment=tune_lr`): every strategy of `tune.strategies` at every lr of
-   `tune.grid`, with the budget's first seed, scored by dev avg. `optim.tuned_lr` is the lr of the
-   strategy's own parameters (full fine-tuning: the encoder's; frozen: the heads'; LoRA, prefix,
-   (IA)^3, DoRA: the adapter's); the others keep the config's.
+`search=grid` (the default):
+1. The search (`experiment=tune_lr`): every strategy of `tune.strategies` at every lr of its grid
+   (`tune.grids.<strategy>`, else `tune.grid`), with the budget's first seed, scored by the
+   selection split's avg. `optim.tuned_lr` is the lr of the strategy's own parameters (full
+   fine-tuning: the encoder's; frozen: the heads'; LoRA, prefix, (IA)^3, DoRA: the adapter's); the
+   others keep the config's. A search run at the lr and seed of a complete study run is taken from
+   it (`sharing`).
 2. The final runs (`experiment=tuned`): each strategy at its best lr over `budget.seeds`, with
    test predictions.
 3. `<sweep root>/tuned/tuned_lr.json` (each strategy's grid scores and chosen lr) and the report over
    the sweep root, whose `tuned` table compares the strategies at their own lrs (against full).
+
+`search=optuna` (`search.py`): per strategy, `tune.trials` trials of Optuna's TPE over the
+strategy's search space (`conf/tune/<strategy>.yaml`), losing trials pruned after an epoch, in an
+Optuna journal that the same command resumes; then the best complete trial's configuration over
+`budget.seeds` (`tuned`), `tuned/tuned_optuna.json` and the report with its search section.
 
 Like `peft-reproduce`, complete jobs are skipped, so the same command resumes. `budget=paper`
 keeps the study's single lr in its own studies; this is an addition, not a replacement.
 
     peft-tune budget=quick data.dir=/path/to/data
     peft-tune budget=quick 'tune.grid=[1e-4,1e-3]' 'tune.strategies=[lora,full]' hydra/launcher=gpus
+    peft-tune budget=cpu 'tune.grids={full:[1e-5,3e-5,1e-4]}'   # full's own grid, the others tune.grid
+    peft-tune budget=cpu search=optuna 'tune.strategies=[lora,full]' tune.trials=8
+    peft-tune budget=paper search=optuna tune.workers=8 hydra/launcher=gpus tune.space.lora.rank.use=true
 """
 
 from __future__ import annotations
@@ -24,20 +35,34 @@ import sys
 import time
 from pathlib import Path
 
+from peft_lightning import search
 from peft_lightning.config import ConfigError, check_budget, compose
 from peft_lightning.interrupt import forward, run_command
 from peft_lightning.optim import TUNED_ROLE
-from peft_lightning.plan import Costs, Progress, fmt_s, plan_options, print_plan, sweep_dir, tuned_jobs
+from peft_lightning.plan import (
+    Costs,
+    Progress,
+    fmt_s,
+    plan_options,
+    print_plan,
+    search_args,
+    search_grids,
+    sweep_dir,
+    tuned_jobs,
+)
 from peft_lightning.reproduce import report_and_exit
 from peft_lightning.results import selection_score
 from peft_lightning.runs import load_runs
 
 
 def parse(argv: list[str]) -> tuple[str, list[str]]:
+    """(budget, the other overrides); `search=X` is short for `tune.search=X`."""
     budget, rest = "quick", []
     for arg in argv:
         if arg.startswith("budget="):
             budget = arg.split("=", 1)[1]
+        elif arg.startswith("search="):
+            rest.append(f"tune.{arg}")
         else:
             rest.append(arg)
     return budget, rest
@@ -94,6 +119,10 @@ def _main(argv: list[str] | None = None) -> None:
     check_budget(budget, "peft-tune")
     cfg = composed(budget, rest)
     strategies, seeds = list(cfg.tune.strategies), list(cfg.budget.seeds)
+    if cfg.tune.search == "optuna":
+        return optuna_main(cfg, budget, rest, plan_only)
+    if cfg.tune.search != "grid":
+        raise ConfigError(f"tune.search={cfg.tune.search!r} is unknown; expected grid or optuna")
     progress = None
     if plan_only is not False:  # peft-reproduce passes plan=false: it shows the plan and the progress
         costs = Costs([Path(str(cfg.sweep_root)), *sources])
@@ -104,10 +133,13 @@ def _main(argv: list[str] | None = None) -> None:
         progress = Progress(jobs).__enter__()
     t0 = time.time()
     search = sweep_dir("tune_lr", budget, rest)
-    print(
-        f"== search: {len(strategies)} strategies x {len(cfg.tune.grid)} lrs, seed {seeds[0]} -> {search}", flush=True
-    )
-    forward(train_cmd("tune_lr", budget, f"seed={seeds[0]}", *rest))
+    grids = search_grids(cfg)
+    for name, grid in grids.items():
+        print(
+            f"== search: {name} at {len(grid)} lrs ({', '.join(f'{lr:g}' for lr in grid)}), seed {seeds[0]} -> {search}",
+            flush=True,
+        )
+        forward(train_cmd("tune_lr", budget, *search_args(name, grid, seeds[0], rest)))
     chosen = choose(load_runs(search) if search.is_dir() else [], strategies)
     missing = [s for s in strategies if s not in chosen]
     final = sweep_dir("tuned", budget, rest)
@@ -126,6 +158,83 @@ def _main(argv: list[str] | None = None) -> None:
         print(f"{progress.tally()} in {fmt_s(time.time() - t0)}", flush=True)
     root = Path(os.path.commonpath([str(search.resolve()), str(final.resolve())]))
     report_and_exit(root, t0, missing, "strategies without a complete search run", budget, rest)
+
+
+def optuna_main(cfg, budget: str, rest: list[str], plan_only: bool | None) -> None:
+    """`peft-tune search=optuna` (search.py): each strategy's Optuna study, then its best complete
+    trial's configuration over the budget's seeds, and the report."""
+    strategies, seeds = [str(s) for s in cfg.tune.strategies], list(cfg.budget.seeds)
+    trials, workers = int(cfg.tune.trials), int(cfg.tune.workers)
+    for name in strategies:  # the spaces and the pruner checked before anything runs
+        search.distributions(search.axes(cfg, name))
+    search.pruner(str(cfg.tune.pruner))
+    if trials < 1 or workers < 1:
+        raise ConfigError(f"tune.trials={trials}, tune.workers={workers}: expected whole numbers >= 1")
+    if search.search_seed(cfg) in [int(s) for s in seeds]:
+        raise ConfigError(
+            f"tune.search_seed={search.search_seed(cfg)} is one of budget.seeds {seeds}: the final runs' seeds must not be the search's"
+        )
+    root = Path(str(cfg.sweep_root))
+    costs = Costs([root])
+    epochs = int(cfg.trainer.max_epochs)
+    per_run = {n: costs.costs[n].once + costs.costs[n].per_epoch * epochs for n in strategies if n in costs.costs}
+    print(
+        f"plan: optuna, {len(strategies)} strategies x {trials} trials (seed {search.search_seed(cfg)}, "
+        f"pruner {cfg.tune.pruner}, {workers} worker(s)) -> {root / search.STUDY}, then each best over seeds {seeds}; "
+        + (
+            f"at most {fmt_s(sum(per_run.values()) * (trials + len(seeds)) / workers)} without pruning"
+            if len(per_run) == len(strategies)
+            else "no measured runs to estimate from"
+        ),
+        flush=True,
+    )
+    if plan_only:
+        return
+    t0 = time.time()
+    storage = search.journal(root)
+    for name in strategies:
+        search.recover(search.open_study(storage, name, cfg.tune))
+    kept = [a for a in rest if a.partition("=")[0] not in ("tune.search", "tune.worker")]
+    workers_dir = root / search.STUDY / ".workers"
+    if workers == 1:  # one peft-train process runs the trials in turn
+        forward(
+            train_cmd_worker(budget, "tune.worker=0", f"hydra.run.dir={search.quoted(str(workers_dir / '0'))}", *kept)
+        )
+    else:  # the workers are the jobs of a Hydra sweep on the launcher given (hydra/launcher=gpus, slurm, ray)
+        ids = ",".join(str(w) for w in range(workers))
+        sweep = [f"hydra.sweep.dir={search.quoted(str(workers_dir))}", "hydra.sweep.subdir=${tune.worker}"]
+        forward(train_cmd_worker(budget, "-m", f"tune.worker={ids}", *sweep, *kept))
+    final = sweep_dir("tuned", budget, rest)
+    chosen, missing = {}, []
+    for name in strategies:
+        found = search.summary(root, name, epochs)
+        if not found or not found.get("best"):
+            missing.append(name)
+            continue
+        chosen[name] = found
+        edge = f"; AT THE EDGE of its range: {', '.join(found['at_edge'])}" if found["at_edge"] else ""
+        print(
+            f"== {name}: trial {found['best']['trial']} ({' '.join(found['overrides'])}), select avg "
+            f"{found['best']['score']:.4f}; {found['complete']} complete, {found['pruned']} pruned of {found['trials']}{edge}; seeds {seeds}",
+            flush=True,
+        )
+        untuned = [a for a in rest if not a.lstrip("+~").startswith("tune.")]  # search settings name no final run
+        forward(train_cmd("tuned", budget, f"adapter={name}", *found["overrides"], *untuned))
+    final.mkdir(parents=True, exist_ok=True)
+    (final / "tuned_optuna.json").write_text(
+        json.dumps({"budget": budget, "seeds": seeds, "search": "optuna", "strategies": chosen}, indent=2, default=str)
+        + "\n"
+    )
+    root_all = Path(os.path.commonpath([str(root.resolve()), str(final.resolve())]))
+    report_and_exit(root_all, t0, missing, "strategies without a complete trial", budget, rest)
+
+
+def train_cmd_worker(budget: str, *args: str) -> list[str]:
+    """peft-train as the search's worker (search.worker_job): the trials run in that process."""
+    flags = [a for a in args if a == "-m"]  # Hydra's -m before the overrides
+    rest = [a for a in args if a != "-m"]
+    base = [sys.executable, "-m", "peft_lightning.train", *flags]
+    return [*base, f"budget={budget}", f"study={search.STUDY}", "tune.search=optuna", *rest]
 
 
 if __name__ == "__main__":

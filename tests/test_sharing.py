@@ -10,7 +10,7 @@ from conftest import compose, tiny_overrides
 from peft_lightning import load_run
 from peft_lightning.plan import Costs, Job, describe, share_within
 from peft_lightning.report import build_report
-from peft_lightning.sharing import training_identity
+from peft_lightning.sharing import covers, training_identity
 from peft_lightning.train import train
 
 
@@ -69,6 +69,28 @@ def test_training_identity_leaves_out_what_does_not_change_a_run(tiny_model_dir,
     assert ident("adapter=full", "optim.tuned_lr=3e-5") == ident("adapter=full", "optim.lr=3e-5")
     assert ident("adapter=frozen", "optim.tuned_lr=3e-4") == ident("adapter=frozen", "optim.head_lr=3e-4")
     assert ident("adapter=full", "optim.tuned_lr=3e-5") != ident("adapter=full", "optim.adapter_lr=3e-5")
+
+
+def test_a_run_with_test_predictions_covers_a_job_that_asks_for_none(tiny_model_dir, data_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    def config(*extra):
+        return OmegaConf.to_container(compose(tiny_overrides(tiny_model_dir, data_dir, tmp_path, *extra)), resolve=True)
+
+    studys, search = config("predict=true"), config("predict=false", "study=tune_lr", "optim.tuned_lr=5e-4")
+    assert config()["optim"]["adapter_lr"] == 5e-4  # the search's lr is the study's: the same run
+    assert covers(studys, search) and not covers(search, studys)  # the search run has no test predictions
+    assert not covers(studys, config("predict=false", "optim.tuned_lr=1e-3"))
+    jobs = [
+        Job("main", [], tmp_path / "a", "lora", 1, config=studys),
+        Job("tune_lr", [], tmp_path / "b", "lora", 1, config=search),
+    ]
+    assert [j.state for j in share_within(jobs)] == ["to run", "shared"]
+    jobs = [
+        Job("tune_lr", [], tmp_path / "b", "lora", 1, config=search),
+        Job("main", [], tmp_path / "a", "lora", 1, config=studys),
+    ]
+    assert [j.state for j in share_within(jobs)] == ["to run", "to run"]
 
 
 def test_the_plan_shares_a_later_job_with_an_earlier_one_and_counts_every_job(tmp_path):

@@ -175,6 +175,7 @@ def test_tune_searches_each_strategys_lr_then_retrains_the_best_over_seeds(tiny_
         "peft_lightning.tune",
         "budget=smoke",
         "tune.grid=[1e-4,3e-2]",
+        "tune.grids={lora:[3e-3,3e-2]}",  # LoRA's own grid; frozen searches tune.grid
         "tune.strategies=[frozen,lora]",
         "budget.seeds=[1,2]",
         f"sweep_root={tmp_path / 'multirun'}",
@@ -190,6 +191,9 @@ def test_tune_searches_each_strategys_lr_then_retrains_the_best_over_seeds(tiny_
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     search = results(tmp_path / "multirun" / "tune_lr")
     assert len(search) == 4 and all(r["status"] == "complete" and r["seed"] == 1 for r in search.values())
+    searched = {(r["adapter"]["name"], r["config"]["optim"]["tuned_lr"]) for r in search.values()}
+    assert searched == {("frozen", 1e-4), ("frozen", 3e-2), ("lora", 3e-3), ("lora", 3e-2)}
+    assert all(not name.startswith("tune.") and ",tune." not in name for name in search)  # folders as before
     chosen = json.loads((tmp_path / "multirun" / "tuned" / "tuned_lr.json").read_text())["strategies"]
     for name, role in (("frozen", "head_lr"), ("lora", "adapter_lr")):
         grid = {

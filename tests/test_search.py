@@ -1,0 +1,194 @@
+"""peft-tune search=optuna: TPE over a strategy's space, losing trials pruned, a journal that resumes."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import make_data_dir
+
+from peft_lightning import search
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tune_args(model_dir: Path, data: Path, tmp: Path, *extra: str) -> list[str]:
+    # frozen heads only, lr log-uniform over [1e-9, 0.1]: the lower half of the range trains nothing
+    return [
+        "budget=smoke",
+        "search=optuna",
+        "tune.strategies=[frozen]",
+        "tune.space.frozen.lr.low=1e-9",
+        "tune.space.frozen.lr.high=0.1",
+        "trainer.max_epochs=3",
+        "data.limit_train=96",
+        "data.selection=24",
+        "budget.seeds=[1]",
+        f"sweep_root={tmp / 'multirun'}",
+        "model=local",
+        f"model.source={model_dir}",
+        f"data.dir={data}",
+        f"data.cache_dir={tmp / 'cache'}",
+        "trainer.accelerator=cpu",
+        *extra,
+    ]
+
+
+def trials(root: Path, strategy: str = "frozen"):
+    import optuna
+
+    return optuna.load_study(study_name=strategy, storage=search.journal(root)).get_trials()
+
+
+def env() -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "WANDB_MODE": "offline",
+        "PYTHONPATH": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+@pytest.mark.slow
+def test_a_search_prunes_losing_trials_and_retrains_the_best_complete_one(tiny_model_dir, tmp_path, capsys):
+    from optuna.trial import TrialState
+
+    from peft_lightning.tune import main
+
+    data = make_data_dir(tmp_path / "data", n_train=96)
+    main(tune_args(tiny_model_dir, data, tmp_path, "tune.trials=6", "tune.sampler_seed=0"))
+    root = tmp_path / "multirun"
+    found = trials(root)
+    assert len(found) == 6 and {t.state for t in found} <= {TrialState.COMPLETE, TrialState.PRUNED}
+    pruned = [t for t in found if t.state == TrialState.PRUNED]
+    complete = [t for t in found if t.state == TrialState.COMPLETE]
+    assert pruned and len(complete) >= 2
+    best = max(complete, key=lambda t: t.value)
+    for t in pruned:  # stopped early, below the best, each an ordinary run folder that says so
+        assert len(t.intermediate_values) < 3 and max(t.intermediate_values.values()) < best.value
+        res = json.loads((root / "tune_optuna" / t.user_attrs["run"] / "results.json").read_text())
+        assert res["status"] == "pruned" and len(res["history"]) == len(t.intermediate_values)
+        assert "pruner" in res["error"]
+    for t in complete:  # the trial's value is its run's chosen epoch on the selection split
+        res = json.loads((root / "tune_optuna" / t.user_attrs["run"] / "results.json").read_text())
+        assert res["status"] == "complete" and res["seed"] == 2  # one past budget.seeds: not a final run's seed
+        assert res["best"]["select_avg"] == pytest.approx(t.value) and "test" not in json.dumps(res.get("predictions"))
+    # the chosen configuration is the best complete trial's, retrained over the budget's seeds
+    chosen = json.loads((root / "tuned" / "tuned_optuna.json").read_text())["strategies"]["frozen"]
+    assert chosen["best"]["trial"] == best.number and chosen["overrides"] == [f"optim.head_lr={best.params['lr']:.3g}"]
+    final = [json.loads(p.read_text()) for p in (root / "tuned").rglob("results.json")]
+    assert len(final) == 1 and final[0]["seed"] == 1 and final[0]["status"] == "complete"
+    assert final[0]["lr"]["head_lr"] == float(f"{best.params['lr']:.3g}")
+    out = capsys.readouterr().out
+    assert f"frozen: trial {best.number} " in out and f"{len(pruned)} pruned of 6" in out
+    # the report's search section: the best configuration, the pruned count, every trial as numbers
+    report = (root / "report" / "report.md").read_text()
+    assert "Optuna search (`peft-tune search=optuna`" in report and f"{len(pruned)} pruned" in report
+    with open(root / "report" / "search_trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 6 and sorted(r["state"] for r in rows).count("pruned") == len(pruned)
+    assert (root / "report" / "search.png").is_file()
+
+
+def test_a_value_near_the_end_of_its_range_is_flagged():
+    import optuna.distributions as d
+
+    dists = {"lr": d.FloatDistribution(1e-4, 1e-2, log=True), "dropout": d.FloatDistribution(0.0, 0.3)}
+    assert search.at_edge(dists, {"lr": 9.5e-3, "dropout": 0.15}) == ["lr=0.0095 at the high end of [0.0001, 0.01]"]
+    assert search.at_edge(dists, {"lr": 1e-3, "dropout": 0.005}) == ["dropout=0.005 at the low end of [0, 0.3]"]
+    assert search.at_edge(dists, {"lr": 1e-3, "dropout": 0.15}) == []
+
+
+def test_search_spaces_are_checked_before_anything_runs(capsys):
+    from peft_lightning.tune import main
+
+    with pytest.raises(SystemExit) as err:
+        main(["budget=smoke", "search=optuna", "tune.space.lora.lr.low=1e-2", "tune.space.lora.lr.high=1e-3"])
+    assert err.value.code == 2
+    assert "tune.space.lora.lr: expected low < high" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["budget=smoke", "search=optuna", "tune.pruner=hyperband"])
+    assert "tune.pruner='hyperband' is unknown" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["budget=smoke", "search=optuna", "tune.search_seed=42"])  # smoke's seed
+    assert "the final runs' seeds must not be the search's" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_journal_resumes_after_kill_9_with_no_trial_lost_or_duplicated(tiny_model_dir, tmp_path):
+    from optuna.trial import TrialState
+
+    data = make_data_dir(tmp_path / "data", n_train=400)
+    args = tune_args(tiny_model_dir, data, tmp_path, "tune.trials=3", "tune.pruner=none", "data.limit_train=400")
+    cmd = [sys.executable, "-m", "peft_lightning.tune", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    folder, deadline = tmp_path / "multirun" / "tune_optuna", time.time() + 300
+    try:  # kill -9 once the second trial is part-way (its first epoch recorded)
+        while time.time() < deadline and proc.poll() is None:
+            states = [
+                json.loads(p.read_text()).get("status") for p in folder.glob("*/results.json") if p.stat().st_size
+            ]
+            if states.count("complete") == 1 and "running" in states:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    cut = [t for t in trials(tmp_path / "multirun") if t.state == TrialState.RUNNING]
+    assert len(cut) == 1
+    rerun = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    found = trials(tmp_path / "multirun")
+    done = [t for t in found if t.state == TrialState.COMPLETE]
+    failed = [t for t in found if t.state == TrialState.FAIL]
+    assert len(done) == 3 and [t.number for t in failed] == [cut[0].number]  # the cut trial, once
+    again = [t for t in done if t.user_attrs.get("rerun_of") == cut[0].number]
+    assert len(again) == 1 and again[0].params == cut[0].params  # asked again: its folder resumed
+    runs = {t.user_attrs["run"] for t in done}
+    assert len(runs) == 3 and runs == {p.parent.name for p in folder.glob("*/results.json")}
+    res = json.loads((folder / again[0].user_attrs["run"] / "results.json").read_text())
+    assert res["status"] == "complete" and [h["epoch"] for h in res["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_two_workers_on_one_journal_never_run_the_same_trial(tiny_model_dir, tmp_path):
+    from optuna.trial import TrialState
+
+    data = make_data_dir(tmp_path / "data", n_train=96)
+    args = tune_args(
+        tiny_model_dir,
+        data,
+        tmp_path,
+        "tune.trials=4",
+        "tune.workers=2",
+        "hydra/launcher=gpus",
+        "hydra.launcher.n_jobs=2",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "peft_lightning.tune", *args],
+        cwd=tmp_path,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    found = trials(tmp_path / "multirun")
+    finished = [t for t in found if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 4 and not [t for t in found if t.state in (TrialState.RUNNING, TrialState.FAIL)]
+    assert {t.user_attrs["worker"] for t in finished} == {0, 1}  # both worked
+    runs = [t.user_attrs["run"] for t in finished]
+    assert len(set(runs)) == len(runs)  # no two trials in one run folder (each run trained once)
+    for name in runs:
+        res = json.loads((tmp_path / "multirun" / "tune_optuna" / name / "results.json").read_text())
+        epochs = [h["epoch"] for h in res["history"]]
+        assert res["status"] in ("complete", "pruned") and epochs == list(range(1, len(epochs) + 1))
