@@ -34,7 +34,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from peft_lightning.config import ConfigError, _run_name, compose
-from peft_lightning.results import selection_score
+from peft_lightning.results import read_results, selection_score
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +219,10 @@ def work(
         trial.set_user_attr("epochs", int(run_cfg.trainer.max_epochs))
         trial.set_user_attr("worker", worker)
         print(f"== {strategy} trial {trial.number}: {' '.join(overrides[1:-1])}", flush=True)
+        # a folder this trial resumes (a cut-off trial asked again): its recorded epochs reported first,
+        # so the pruner sees the trial's whole curve, wherever it was cut
+        for epoch, value in epoch_scores(read_results(run_cfg.output_dir) or {}):
+            trial.report(value, epoch)
         try:
             res = train(run_cfg, callbacks=[PyTorchLightningPruningCallback(trial, monitor=monitor(run_cfg))])
         except optuna.TrialPruned:
@@ -235,8 +239,9 @@ def work(
         elif score is None:
             study.tell(trial, state=TrialState.FAIL)
         else:
+            reported = study._storage.get_trial(trial._trial_id).intermediate_values
             for epoch, value in epoch_scores(res):
-                if epoch not in trial.storage.get_trial(trial._trial_id).intermediate_values:
+                if epoch not in reported:  # a complete folder taken as it is: its curve, for the pruner
                     trial.report(value, epoch)
             study.tell(trial, score)
             print(f"   trial {trial.number}: {score:.4f}", flush=True)

@@ -215,11 +215,12 @@ def optuna_main(cfg, budget: str, rest: list[str], plan_only: bool | None) -> No
         edge = f"; AT THE EDGE of its range: {', '.join(found['at_edge'])}" if found["at_edge"] else ""
         print(
             f"== {name}: trial {found['best']['trial']} ({' '.join(found['overrides'])}), select avg "
-            f"{found['best']['score']:.4f}; {found['complete']} complete, {found['pruned']} pruned of {found['trials']}{edge}; seeds {seeds}",
+            f"{found['best']['score']:.4f}; {found['complete']} complete, {found['pruned']} pruned, {found['failed']} failed of {found['trials']} trials{edge}; seeds {seeds}",
             flush=True,
         )
         untuned = [a for a in rest if not a.lstrip("+~").startswith("tune.")]  # search settings name no final run
-        forward(train_cmd("tuned", budget, f"adapter={name}", *found["overrides"], *untuned))
+        if cfg.tune.final:
+            forward(train_cmd("tuned", budget, f"adapter={name}", *found["overrides"], *untuned))
     final.mkdir(parents=True, exist_ok=True)
     (final / "tuned_optuna.json").write_text(
         json.dumps({"budget": budget, "seeds": seeds, "search": "optuna", "strategies": chosen}, indent=2, default=str)
