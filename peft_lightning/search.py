@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -370,7 +369,3 @@ def worker_job(cfg: DictConfig, train) -> None:
     root = Path(str(cfg.sweep_root))
     for strategy in cfg.tune.strategies:
         work(str(strategy), budget, rest, root, cfg, int(cfg.tune.trials), train, int(cfg.tune.worker))
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit("use peft-tune search=optuna")
