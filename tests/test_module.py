@@ -346,6 +346,24 @@ def test_bf16_mixed_lora_run_with_packed_casts(tiny_model_dir, data_dir, tmp_pat
     assert len(read_tsv(out / "predictions" / "stsb-test.tsv")) == 13
 
 
+def test_precision_auto_and_bf16_on_a_cpu_without_native_bf16(monkeypatch, caplog):
+    """auto: 32-true on the CPU; bf16-mixed asked for on a CPU that emulates bf16 is kept, with a warning."""
+    import peft_lightning.train as train_mod
+
+    monkeypatch.setattr(train_mod.torch.cuda, "is_available", lambda: False)
+    assert train_mod.precision_for("auto", "auto") == "32-true"
+    assert train_mod.precision_for("auto", "gpu") == "bf16-mixed"
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    with caplog.at_level("WARNING", logger="peft_lightning"):
+        assert train_mod.precision_for("bf16-mixed", "cpu") == "bf16-mixed"
+    assert not caplog.records
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="peft_lightning"):
+        assert train_mod.precision_for("bf16-mixed", "cpu") == "bf16-mixed"
+        assert train_mod.precision_for("32-true", "cpu") == "32-true"
+    assert len(caplog.records) == 1 and "without native bf16" in caplog.records[0].getMessage()
+
+
 @pytest.mark.slow
 def test_compile_mode_reaches_training(tiny_model_dir, data_dir, tmp_path):
     res = run(
