@@ -13,12 +13,14 @@ batches of the run's `data.eval_batch_size`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
+from peft_lightning import native
 from peft_lightning.build import build_adapter, build_backbone, build_model
 from peft_lightning.data.datamodule import EvalDataset
 from peft_lightning.data.encoded import encode_split
@@ -136,11 +138,14 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     """Rebuild a run from `RUN_DIR/results.json` and load `checkpoints/<checkpoint>.ckpt`.
 
     Args:
-        run_dir: a folder `peft-train` wrote (results.json, checkpoints/).
+        run_dir: a folder `peft-train` wrote (results.json, checkpoints/), or a `peft-export` folder
+            in the native layout (a bottleneck run's: `native.py`).
         checkpoint: `best` (the best dev epoch, whose predictions the run wrote) or `last`.
         device: where to run (`cpu`, `cuda`, ...).
     """
     run_dir = Path(run_dir)
+    if (run_dir / native.TENSORS).is_file():
+        return load_native_export(run_dir, device)
     res = read_results(run_dir)
     if res is None or "config" not in res:
         raise FileNotFoundError(f"{run_dir}: no readable results.json with the run's config (not a peft-train run?)")
@@ -153,3 +158,26 @@ def load_run(run_dir: str | Path, checkpoint: str = "best", device: str | torch.
     model.to(device).eval()
     model.adapter.merge()
     return RunModel(model, backbone.tokenizer, OmegaConf.to_container(cfg, resolve=True), run_dir)
+
+
+def load_native_export(folder: Path, device: str | torch.device = "cpu") -> RunModel:
+    """A `peft-export` folder in the native layout: the run rebuilt from the config its
+    `peft_lightning.json` records (the backbone from its source), the adapter's and the heads'
+    tensors loaded into it."""
+    from safetensors.torch import load_file
+
+    meta_path = folder / "peft_lightning.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+        config = meta["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise FileNotFoundError(f"{meta_path}: no readable export record with the run's config") from None
+    cfg = OmegaConf.create(config)
+    backbone = build_backbone(cfg)
+    model = build_model(cfg, backbone, build_adapter(cfg.adapter), list(cfg.data.tasks))
+    native.load_native(model, load_file(str(folder / native.TENSORS)), str(folder / native.TENSORS))
+    heads = load_file(str(folder / "heads.safetensors"))
+    model.heads.load_state_dict({k: v.to(next(iter(model.heads.parameters())).dtype) for k, v in heads.items()})
+    model.to(device).eval()
+    model.adapter.merge()
+    return RunModel(model, backbone.tokenizer, OmegaConf.to_container(cfg, resolve=True), folder)

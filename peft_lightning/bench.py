@@ -40,10 +40,11 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from peft_lightning import checks
-from peft_lightning.adapters import DoRA, Frozen, Full, LoRA, Prefix
+from peft_lightning.adapters import BitFit, Bottleneck, DoRA, Frozen, Full, LoRA, Prefix
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.fastpath.precision import COMPILE_MODES, store_frozen_in
 from peft_lightning.model import MultiTaskModel
+from peft_lightning.mtl import aggregated_backward, aggregator
 from peft_lightning.tasks import TASKS
 
 MODELS = {
@@ -68,6 +69,18 @@ CASES = {
     "lora_r8_concat": (LoRA, {"rank": 8, "concat": True}),  # the concatenated form (compiled; eager: in the arena)
     "dora_r8": (DoRA, {"rank": 8}),  # beyond the study: against PEFT's LoRA with use_dora
 }
+
+
+# beyond the study, with no PEFT counterpart (bottleneck adapters, the multi-task gradient methods):
+# timed against our own LoRA r=8 step in the same interleaved loop (`ratio_vs_our_lora`); the last
+# item is the `mtl` method (mtl.py) the step combines the tasks' gradients with
+METHOD_CASES = {
+    "bitfit": (BitFit, {}, "sum"),
+    "bottleneck": (Bottleneck, {}, "sum"),
+    "bottleneck_pfeiffer": (Bottleneck, {"placement": "pfeiffer"}, "sum"),
+    **{f"lora_r8_{m}": (LoRA, {"rank": 8}, m) for m in ("upgrad", "pcgrad", "mgda", "cagrad", "nashmtl")},
+}
+METHOD_SETS = {"methods": list(METHOD_CASES)}  # `--cases methods`: all of them
 
 
 class OpCounter(TorchDispatchMode):
@@ -123,12 +136,16 @@ def make_batches(B: int, L: int, vocab: int, device: torch.device, seed: int = 0
     }
 
 
-def ours_step(model: MultiTaskModel, opt: torch.optim.Optimizer, batch: dict, amp: bool):
+def ours_step(model: MultiTaskModel, opt: torch.optim.Optimizer, batch: dict, amp: bool, aggregate=None):
     device = next(model.parameters()).device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=amp):
         outputs = model(batch)
-        loss = sum(TASKS[t].loss(o, batch[t]["labels"]) for t, o in outputs.items())
-    loss.backward()
+        losses = [TASKS[t].loss(o, batch[t]["labels"]) for t, o in outputs.items()]
+    if aggregate is None:
+        sum(losses).backward()
+    else:  # a multi-task gradient method (mtl.py), as MultiTaskModule.backward does
+        encoder, adapter, heads = model.parts()
+        aggregated_backward(losses, [p for _, p in encoder + adapter], [p for _, p in heads], aggregate)
     opt.step()
     opt.zero_grad(set_to_none=True)
 
@@ -267,7 +284,7 @@ def build_ours(case: str, cfg, state: dict, batch: dict, args, device: torch.dev
     """Our module for `case` from the shared weights, warmed up: its step, first-step seconds, peak
     MiB, ops a step, and a copy of its heads (for the PEFT side: same heads, same init)."""
     base = allocated(device)
-    cls, kwargs = CASES[case]
+    cls, kwargs, method = CASES[case] + ("sum",) if case in CASES else METHOD_CASES[case]
     torch.manual_seed(0)
     enc = BertEncoder(cfg, add_pooler=False)
     enc.load_state_dict(state)
@@ -280,7 +297,8 @@ def build_ours(case: str, cfg, state: dict, batch: dict, args, device: torch.dev
     model.compile_encoder()  # in place, when asked, as training does
     model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    step = lambda: ours_step(model, opt, batch, args.bf16)  # noqa: E731
+    aggregate = aggregator(method, 3)
+    step = lambda: ours_step(model, opt, batch, args.bf16, aggregate)  # noqa: E731
     t0 = time.perf_counter()
     step()  # the first step compiles
     first = time.perf_counter() - t0
@@ -288,6 +306,37 @@ def build_ours(case: str, cfg, state: dict, batch: dict, args, device: torch.dev
     return {
         "step": step, "first": first, "mem": mem, "ops": (None, None) if args.compile else count_ops(step), "heads": heads
     }  # fmt: skip
+
+
+def run_method_case(case: str, B: int, args, device: torch.device) -> list[dict]:
+    """A case with no PEFT counterpart (`METHOD_CASES`): our step and our LoRA r=8 step, interleaved."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(**MODELS[args.model], vocab_size=30522, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    state = BertModel(cfg, add_pooling_layer=False).state_dict()
+    batch = make_batches(B, args.length, cfg.vocab_size, device)
+    ours = build_ours(case, cfg, state, batch, args, device)
+    lora = build_ours("lora_r8", cfg, state, batch, args, device)
+    t = {k: ms for k, (ms, _) in alternate({"ours": ours["step"], "lora": lora["step"]}, args.steps, device).items()}
+    cls, kwargs, method = METHOD_CASES[case]
+    return [
+        {
+            "case": case,
+            "impl": "ours",
+            "device": device.type,
+            "model": args.model,
+            "batch_size": B,
+            "length": args.length,
+            "mtl": method,
+            "ms_per_step": round(t["ours"], 2),
+            "our_lora_r8_ms": round(t["lora"], 2),
+            "ratio_vs_our_lora": round(t["ours"] / t["lora"], 3),
+            "samples_per_s": round(3 * B / (t["ours"] / 1000), 1),
+            "ops_per_step": ours["ops"][0],
+            "gemms_per_step": ours["ops"][1],
+        }
+    ]
 
 
 def run_case(case: str, B: int, args, device: torch.device) -> list[dict]:
@@ -376,7 +425,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="minilm", choices=list(MODELS))
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--length", type=int, default=64)
-    parser.add_argument("--cases", nargs="+", default=list(STUDY_CASES), choices=list(CASES))
+    parser.add_argument(
+        "--cases",
+        nargs="+",
+        default=list(STUDY_CASES),
+        choices=[*CASES, *METHOD_CASES, *METHOD_SETS],
+        help="the study's strategies by default; `methods`: every case beyond PEFT (METHOD_CASES), timed "
+        "against our LoRA r=8 step",
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help="one encoder call per step")
@@ -439,9 +495,10 @@ def main(argv: list[str] | None = None) -> None:
                 f.write(line + "\n")
 
     emit(header)
+    cases = [c for name in args.cases for c in METHOD_SETS.get(name, [name])]
     for B in args.batch_sizes:
-        for case in args.cases:
-            for row in run_case(case, B, args, device):
+        for case in cases:
+            for row in (run_method_case if case in METHOD_CASES else run_case)(case, B, args, device):
                 emit(row)
 
 

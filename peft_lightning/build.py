@@ -17,6 +17,8 @@ from peft_lightning.backbone import Backbone, load_backbone
 from peft_lightning.data import MultiTaskDataModule
 from peft_lightning.model import MultiTaskModel
 from peft_lightning.module import MultiTaskModule
+from peft_lightning.mtl import MTL
+from peft_lightning.mtl import check as check_mtl
 from peft_lightning.optim import Optim
 
 
@@ -86,5 +88,20 @@ def build(cfg: DictConfig) -> tuple[Backbone, MultiTaskDataModule, MultiTaskModu
     dm = MultiTaskDataModule(data_dir, backbone.tokenizer, seed=cfg.seed, **data_kwargs)
     adapter = build_adapter(cfg.adapter)
     optim = Optim.from_config(cfg.optim, adapter.name)
+    mtl = build_mtl(cfg)
     model = build_model(cfg, backbone, adapter, dm.task_names)
-    return backbone, dm, MultiTaskModule(model, optim, seed=cfg.seed)
+    if mtl.active and not any(p.requires_grad for _, p in [*model.parts()[0], *model.parts()[1]]):
+        raise ValueError(
+            f"mtl={mtl.name} with adapter={adapter.name}: nothing but the heads trains, so there is "
+            "no shared gradient to aggregate; use mtl=sum"
+        )
+    return backbone, dm, MultiTaskModule(model, optim, seed=cfg.seed, mtl=mtl)
+
+
+def build_mtl(cfg: DictConfig) -> MTL:
+    """The run's multi-task gradient method (`mtl:`; a config without one: the summed loss), after the
+    combinations it refuses (`mtl.check`)."""
+    if cfg.get("mtl") is None:
+        return MTL("sum", len(cfg.data.tasks))
+    check_mtl(cfg)
+    return MTL.from_config(OmegaConf.to_container(cfg.mtl, resolve=True), len(cfg.data.tasks))

@@ -4,7 +4,7 @@ intervals from the paired bootstrap (`stats`), and the study's findings checked 
 A study's settings are compared on the dev rows that every one of its runs predicted (runs write
 `predictions/{task}-dev.tsv` with the label beside each prediction). References: main and
 peft_methods against full fine-tuning, lora_rank against r=8, prefix_length against P=4,
-prefix_mlp against no MLP at the same length, lora_scaling against fixed scaling at the same
+prefix_mlp against no MLP at the same length, mtl_methods against the summed loss of the same strategy, lora_scaling against fixed scaling at the same
 rank, lora_targets against all linear layers, sts_head against the MLP head.
 """
 
@@ -31,6 +31,7 @@ REFERENCE = {
     "lora_scaling": ("adapter.scaling", "fixed"),
     "lora_targets": ("adapter.targets", "[all]"),
     "sts_head": ("model.sts_head", "mlp"),
+    "mtl_methods": ("mtl", "sum"),
     "tuned": ("adapter", "full"),
 }
 MAIN = [(t, TASKS[t].main_metric) for t in TASK_NAMES]

@@ -14,6 +14,10 @@
   the sentence vector they read and how pair features are formed) and `DIR/peft_lightning.json`
   (where the export came from).
 
+Bottleneck adapters: PEFT has none, and they do not merge (their non-linearity is their own
+computation): `DIR/adapter.safetensors` and `DIR/adapter.json` in this project's native layout
+(`native.py`), which `load_run(DIR)` and `peft-predict DIR` read.
+
 Prefix tuning is not exported to PEFT: PEFT feeds the prefixes as a key/value cache, which gives
 the real tokens position ids P..P+T-1, where ours keep 0..T-1 (the study's, and what the
 pretrained position table was trained on); the same prefixes would give other hidden states. And
@@ -34,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from peft_lightning import native as native_format
 from peft_lightning.api import RunModel, load_run
 from peft_lightning.backbone import resolve_source
 from peft_lightning.files import describe_os_error, dir_mode, file_mode
@@ -136,6 +141,21 @@ def export_peft(run: RunModel, out: Path) -> None:
             param = slot.weight if isinstance(slot, torch.nn.Module) else slot
             param.data.copy_(tensor.data.float().view_as(param))
     pm.save_pretrained(out, safe_serialization=True)
+
+
+def export_native(run: RunModel, out: Path) -> None:
+    """An adapter with no PEFT format that does not merge (bottleneck): the native layout (`native.py`)."""
+    from safetensors.torch import save_file
+
+    tensors = native_format.native_tensors(run.model)
+    save_file(tensors, out / native_format.TENSORS)
+    spec = {
+        "format": native_format.FORMAT,
+        "adapter": run.model.adapter.describe(),
+        "base_model_name_or_path": base_model_name(run.config["model"]),
+        "tensors": {k: list(v.shape) for k, v in tensors.items()},
+    }
+    (out / native_format.CONFIG).write_text(json.dumps(spec, indent=2) + "\n")
 
 
 def base_model_name(model: dict) -> str:
@@ -241,7 +261,15 @@ def export(
 def _export(run_dir: str | Path, out: Path, merged: bool, checkpoint: str) -> None:
     run = load_run(run_dir, checkpoint)
     name = run.model.adapter.name
-    if not merged and not hasattr(run.model.adapter, "peft_config"):
+    native = all(hasattr(layer, "native_tensors") for layer in getattr(run.model.adapter, "layers", [None]))
+    if native and merged:
+        raise ExportError(
+            f"{name} does not merge into the weights (its non-linearity is its own computation); export it "
+            "without --merged, in the native layout"
+        )
+    if not merged and native:
+        export_native(run, out)
+    elif not merged and not hasattr(run.model.adapter, "peft_config"):
         if name == "prefix":
             raise ExportError(
                 "prefix tuning is not exportable to PEFT: PEFT passes prefixes as a key/value cache, "
@@ -251,16 +279,17 @@ def _export(run_dir: str | Path, out: Path, merged: bool, checkpoint: str) -> No
         merged = True  # full fine-tuning and frozen: the weights themselves
     if merged:
         export_merged(run, out)
-    else:
+    elif not native:
         export_peft(run, out)
     export_heads(run, out)
     meta = {
         "run_dir": str(Path(run_dir).resolve()),
         "checkpoint": checkpoint,
         "adapter": run.model.adapter.describe(),
-        "format": "transformers BertModel (merged)" if merged else "PEFT adapter",
+        "format": "transformers BertModel (merged)" if merged else native_format.FORMAT if native else "PEFT adapter",
         "backbone": run.config["model"]["source"],
         "tasks": run.tasks,
+        "config": run.config,  # the run's resolved config: load_run rebuilds a native export from it
     }
     (out / "peft_lightning.json").write_text(json.dumps(meta, indent=2) + "\n")
 

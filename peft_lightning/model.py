@@ -144,13 +144,8 @@ class MultiTaskModel(nn.Module):
     def parts(self) -> tuple[list, list, list]:
         """Trainable (name, parameter) pairs split into the encoder's own weights, what the adapter
         adds (LoRA's A and B inside the encoder, prefixes) and the heads."""
-        # what the adapter's layers inside the encoder add (LoRA's A and B, (IA)^3's vectors), not their base
-        injected = {
-            id(p)
-            for m in getattr(self.adapter, "layers", [])
-            for n, p in m.named_parameters()
-            if not n.startswith("base.")
-        }
+        # the adapter's own parameters inside the encoder (LoRA's A and B, (IA)^3's vectors, BitFit's biases)
+        injected = {id(p) for p in self.adapter.encoder_params()}
         encoder, adapter, heads = [], [], []
         for name, p in self.named_parameters():
             if not p.requires_grad:

@@ -17,8 +17,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from peft_lightning.distributed import any_rank, gather
 from peft_lightning.fastpath.precision import store_frozen_in
 from peft_lightning.model import MultiTaskModel
+from peft_lightning.mtl import MTL, aggregated_backward
 from peft_lightning.optim import Optim, clip_gradients, lr_lambda, param_groups
-from peft_lightning.results import selection_score
+from peft_lightning.results import as_logged, selection_score
 from peft_lightning.tasks import TASKS
 
 EVAL_SPLITS = ("dev", "select", "train_eval")
@@ -56,9 +57,11 @@ class MultiTaskModule(L.LightningModule):
         seed: reseeds dropout at every epoch start, so an epoch is reproducible after a resume.
     """
 
-    def __init__(self, model: MultiTaskModel, optim: Optim | None = None, seed: int = 0):
+    def __init__(self, model: MultiTaskModel, optim: Optim | None = None, seed: int = 0, mtl: MTL | None = None):
         super().__init__()
         self.model, self.optim, self.seed = model, optim or Optim(), seed
+        self.mtl = mtl if mtl is not None else MTL("sum", len(model.task_names))
+        self._task_losses: list[torch.Tensor] = []  # this step's, for an aggregated backward (mtl.py)
         self.task_names = model.task_names
         self.train_metrics = torch.nn.ModuleDict({t: task_metrics(t) for t in self.task_names})
         # the evaluated splits (dev; the selection split and the train_eval sample where the data has them)
@@ -109,11 +112,22 @@ class MultiTaskModule(L.LightningModule):
             t = TASKS[task]
             loss = t.loss(out, labels)
             total = total + loss
+            if self.mtl.active:
+                self._task_losses.append(loss)
             self.train_metrics[task].update(t.prediction(out.detach()), t.target(labels))
             self._accumulate_loss(f"train/{task}/loss", loss)
         self._accumulate_loss("train/loss", total)
         self._log_losses()
         return total
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        """The summed loss's backward (`mtl=sum`), or the tasks' gradients combined by an aggregator
+        on the shared parameters (`mtl.py`)."""
+        if not self.mtl.active:
+            return super().backward(loss, *args, **kwargs)
+        losses, self._task_losses = self._task_losses, []
+        encoder, adapter, heads = self.model.parts()
+        aggregated_backward(losses, [p for _, p in encoder + adapter], [p for _, p in heads], self.mtl.aggregate)
 
     def _accumulate_loss(self, key: str, loss: torch.Tensor) -> None:
         """Running sum on the device: no per-step `self.log` (about a millisecond of host time each)."""
@@ -195,8 +209,10 @@ class MultiTaskModule(L.LightningModule):
         if record.get("dev_avg") is not None:
             self.log("val/avg", record["dev_avg"], prog_bar=True, sync_dist=many)
         merged = {k: (torch.cat([i for i, _ in v]), torch.cat([p for _, p in v])) for k, v in outputs.items()}
-        best = max((selection_score(h) for h in self.history if selection_score(h) is not None), default=None)
-        if selection_score(record) is not None and (best is None or selection_score(record) > best):
+        best = max(
+            (as_logged(selection_score(h)) for h in self.history if selection_score(h) is not None), default=None
+        )
+        if selection_score(record) is not None and (best is None or as_logged(selection_score(record)) > best):
             self.best_eval_predictions = merged
         self.last_eval_predictions = merged
         self.history.append(record)
@@ -219,7 +235,7 @@ class MultiTaskModule(L.LightningModule):
 
     # ---- optimisation --------------------------------------------------------------------
     def configure_optimizers(self):
-        parts = zip(self.model.parts(), self.optim.part_lrs())
+        parts = self.optim.parts(*self.model.parts())
         # one kernel per step instead of per-tensor ops; not with fp16's GradScaler (see clipping below)
         fused = self.device.type in ("cuda", "cpu") and self._grad_scaler is None
         opt = torch.optim.AdamW(

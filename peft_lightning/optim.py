@@ -19,6 +19,7 @@ from torch import nn
 from peft_lightning.checks import real
 
 SCHEDULES = ("constant", "linear", "cosine")
+LORAPLUS_STRATEGIES = ("lora", "dora")
 # what optim.tuned_lr (peft-tune's lr search) sets: the lr that moves the strategy's own parameters
 TUNED_ROLE = {"full": "lr", "frozen": "head_lr"}  # every other strategy: adapter_lr
 
@@ -34,6 +35,9 @@ class Optim:
         weight_decay, betas, eps: AdamW settings (no decay on biases and LayerNorm weights).
         lr_schedule: `constant`, `linear` or `cosine` decay after warmup.
         warmup_ratio: fraction of all steps with linear warmup.
+        loraplus_ratio: LoRA+ (Hayou, Ghosh and Yu 2024, arXiv:2402.12354), LoRA and DoRA only: the B
+            matrices train at this times `adapter_lr`, everything else of the adapter at `adapter_lr`
+            (PEFT's `create_loraplus_optimizer` grouping); None (the default): one lr for both.
     """
 
     lr: float = 1e-5
@@ -44,6 +48,7 @@ class Optim:
     eps: float = 1e-8
     lr_schedule: str = "constant"
     warmup_ratio: float = 0.0
+    loraplus_ratio: float | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
@@ -53,6 +58,8 @@ class Optim:
             set_(name, None if value is None else real(f"optim.{name}", value, 0, low_open=True))
         set_("weight_decay", real("optim.weight_decay", self.weight_decay, 0))
         set_("warmup_ratio", real("optim.warmup_ratio", self.warmup_ratio, 0, 1))
+        if self.loraplus_ratio is not None:
+            set_("loraplus_ratio", real("optim.loraplus_ratio", self.loraplus_ratio, 0, low_open=True))
         set_("betas", tuple(self.betas))
         if self.lr_schedule not in SCHEDULES:
             raise ValueError(f"optim.lr_schedule={self.lr_schedule!r} is unknown; expected constant, linear or cosine")
@@ -63,14 +70,30 @@ class Optim:
         applied to the lr that moves the strategy's own parameters (`TUNED_ROLE`)."""
         fields = {f.name for f in dataclasses.fields(cls)}
         recipe = cls(**{k: v for k, v in dict(optim).items() if k in fields})
+        if recipe.loraplus_ratio is not None and strategy not in LORAPLUS_STRATEGIES:
+            raise ValueError(
+                f"optim.loraplus_ratio={recipe.loraplus_ratio} is LoRA+, for adapter=lora or adapter=dora; "
+                f"this run's adapter is {strategy} (set optim.loraplus_ratio=null)"
+            )
         tuned = optim.get("tuned_lr")
         return (
             recipe if tuned is None else dataclasses.replace(recipe, **{TUNED_ROLE.get(strategy, "adapter_lr"): tuned})
         )
 
     def learning_rates(self) -> dict[str, float | None]:
-        """What results.json records as the run's lrs (None: the same as `lr`)."""
-        return {"lr": self.lr, "adapter_lr": self.adapter_lr, "head_lr": self.head_lr}
+        """What results.json records as the run's lrs (None: the same as `lr`), and LoRA+'s ratio when set."""
+        lrs = {"lr": self.lr, "adapter_lr": self.adapter_lr, "head_lr": self.head_lr}
+        return lrs if self.loraplus_ratio is None else {**lrs, "loraplus_ratio": self.loraplus_ratio}
+
+    def parts(self, encoder: list, adapter: list, heads: list) -> list[tuple[list, float]]:
+        """(named parameters, lr) of each part: the encoder's weights, the adapter's, the heads'; with
+        `loraplus_ratio`, the adapter's B matrices (`lora_B`) a part of their own at ratio x adapter_lr."""
+        lr, adapter_lr, head_lr = self.part_lrs()
+        if self.loraplus_ratio is None:
+            return [(encoder, lr), (adapter, adapter_lr), (heads, head_lr)]
+        b = [(n, p) for n, p in adapter if n.rsplit(".", 1)[-1] == "lora_B"]
+        rest = [(n, p) for n, p in adapter if n.rsplit(".", 1)[-1] != "lora_B"]
+        return [(encoder, lr), (rest, adapter_lr), (b, adapter_lr * self.loraplus_ratio), (heads, head_lr)]
 
     def part_lrs(self) -> tuple[float, float, float]:
         """The lr of the encoder's weights, the adapter's parameters and the heads."""

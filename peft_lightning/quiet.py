@@ -22,6 +22,8 @@ WARNINGS = [
     (Warning, r"The number of training batches \(\d+\) is smaller than the logging interval"),
     (Warning, r"The '\w+_dataloader' does not have many workers"),  # data are in memory: workers would only copy
     (Warning, r"You defined a `validation_step` but have no `val_dataloader`"),
+    # mtl=nashmtl: torchjd re-solves its small problem every step; cvxpy says it can't cache the solve
+    (UserWarning, r"You are solving a parameterized problem that is not DPP"),
 ]
 
 # Lightning's info lines that repeat for every job and say nothing about it

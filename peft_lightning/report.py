@@ -24,7 +24,7 @@ from peft_lightning.tables import bold_best, epochs_table, multitask_table, prot
 from peft_lightning.tasks import TASKS
 
 PAPER_STUDIES = ["main", "epochs", "lora_rank", "prefix_length", "prefix_mlp"]
-BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head", "peft_methods"]
+BEYOND = ["lora_scaling", "lora_targets", "multitask_vs_single", "sts_head", "peft_methods", "mtl_methods"]
 ORDER = PAPER_STUDIES + BEYOND
 TITLES = {
     "main": "Main comparison (dev)",
@@ -36,7 +36,8 @@ TITLES = {
     "lora_targets": "LoRA target modules (dev)",
     "multitask_vs_single": "Multi-task vs single-task training (dev)",
     "sts_head": "STS-B head: MLP vs cosine similarity (dev)",
-    "peft_methods": "PEFT methods: the study's four strategies and (IA)^3 (dev)",
+    "peft_methods": "PEFT methods: the study's four strategies, (IA)^3, DoRA, BitFit and bottleneck adapters (dev)",
+    "mtl_methods": "Multi-task gradient methods against the summed loss, LoRA and full (dev)",
     "tune_lr": "Learning-rate search per strategy (dev, one seed)",
     "tuned": "Each strategy at its own tuned learning rate (dev)",
     "tune_optuna": "Optuna search trials (selection split, one seed)",

@@ -118,10 +118,18 @@ def selection_score(record: dict) -> float | None:
     return record.get("select_avg") if "select" in record else record.get("dev_avg")
 
 
+def as_logged(score: float) -> float:
+    """A score as Lightning's ModelCheckpoint sees it (`self.log` keeps fp32): the best epoch, the
+    best checkpoint and the best predictions are chosen on these, so that they never disagree over
+    a difference below fp32's resolution."""
+    return float(torch.tensor(score, dtype=torch.float32))
+
+
 def best_epoch(history: list[dict]) -> dict | None:
-    """The epoch the run chose (and predicts with): the best by `selection_score`, the first of ties."""
+    """The epoch the run chose (and predicts with): the best by `selection_score` (as logged, fp32),
+    the first of ties."""
     scored = [h for h in history if selection_score(h) is not None]
-    return max(scored, key=selection_score) if scored else None
+    return max(scored, key=lambda h: as_logged(selection_score(h))) if scored else None
 
 
 def restore_best_score(trainer, history: list[dict]) -> None:
@@ -134,7 +142,7 @@ def restore_best_score(trainer, history: list[dict]) -> None:
             continue
         path = Path(cb.dirpath) / f"{cb.filename}.ckpt"
         if path.is_file():
-            score = torch.tensor(selection_score(best), dtype=torch.float64)
+            score = torch.tensor(selection_score(best), dtype=torch.float32)  # as the logged scores
             cb.best_model_path = cb.kth_best_model_path = str(path)
             cb.best_model_score = cb.kth_value = score
             cb.best_k_models = {str(path): score}

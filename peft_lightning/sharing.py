@@ -53,6 +53,12 @@ def training_identity(config: dict) -> dict:
     out = {k: v for k, v in config.items() if k not in IGNORED}
     if isinstance(out.get("optim"), dict) and "tuned_lr" in out["optim"]:
         out["optim"] = fold_tuned_lr(out["optim"], strategy_name(out.get("adapter")))
+    # settings added after runs were made, at the value that trains as before, are dropped: a run
+    # from before they existed is still the same run
+    if out.get("mtl") in ({"name": "sum"}, None):
+        out.pop("mtl", None)
+    if isinstance(out.get("optim"), dict) and out["optim"].get("loraplus_ratio", 0) is None:
+        out["optim"] = {k: v for k, v in out["optim"].items() if k != "loraplus_ratio"}
     if isinstance(out.get("data"), dict):
         out["data"] = {k: v for k, v in out["data"].items() if k not in IGNORED_DATA}
     if isinstance(out.get("trainer"), dict):

@@ -15,7 +15,12 @@ from peft_lightning.tasks import TASK_NAMES, TASKS
 
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
 WITH_TRAIN = {"epochs", "lora_rank"}
-WITH_COST = {"main", "peft_methods", "lora_targets"}  # tables that also show parameters, step time, memory
+WITH_COST = {
+    "main",
+    "peft_methods",
+    "lora_targets",
+    "mtl_methods",
+}  # tables that also show parameters, step time, memory
 
 
 def study_table(

@@ -31,6 +31,7 @@ from peft_lightning.config import VERSION_BASE, conf_dir
 from peft_lightning.dashboards import build_loggers, replay, set_summary, uses_wandb
 from peft_lightning.data import DataError, MultiTaskDataModule
 from peft_lightning.distributed import JobDDPStrategy, gather, watch_parent
+from peft_lightning.fastpath.precision import cpu_has_native_bf16
 from peft_lightning.features import FrozenFeatures
 from peft_lightning.files import WriteError, atomic_write_text, describe_os_error
 from peft_lightning.gpus import gpu_slot
@@ -104,11 +105,6 @@ def check_trainer(trainer: DictConfig) -> None:
             f"trainer.accelerator={accelerator} (trainer=gpu_fast asks for it) but this machine has no CUDA device; "
             "use trainer=default, which runs on the CPU"
         )
-
-
-def cpu_has_native_bf16() -> bool:
-    """oneDNN multiplies bf16 natively on this CPU (AVX512-BF16 or AMX)."""
-    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def precision_for(cfg_precision: str, accelerator: str) -> str:
@@ -192,6 +188,7 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float, callbacks: list) -> dict:
         "epochs": cfg.trainer.max_epochs,
         "seed": cfg.seed,
         "lr": module.optim.learning_rates(),  # what each parameter group trains at (optim.tuned_lr applied)
+        "mtl": module.mtl.describe(),  # how the tasks' gradients combine (sum: the study's)
         "overrides": list(cfg.get("overrides") or []),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

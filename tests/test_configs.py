@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 GROUPS = {
     g: sorted(p.stem for p in (ROOT / "conf" / g).glob("*.yaml"))
-    for g in ("data", "model", "adapter", "trainer", "logger", "budget", "experiment")
+    for g in ("data", "model", "adapter", "mtl", "trainer", "logger", "budget", "experiment")
 }
 
 
@@ -25,7 +25,10 @@ def test_every_option_composes(group, option, tmp_path):
 
 
 def test_expected_options_exist():
-    assert {"frozen", "full", "lora", "prefix", "ia3", "dora"} <= set(GROUPS["adapter"])
+    assert {"frozen", "full", "lora", "prefix", "ia3", "dora", "bitfit", "bottleneck", "bottleneck_pfeiffer"} <= set(
+        GROUPS["adapter"]
+    )
+    assert {"sum", "upgrad", "pcgrad", "cagrad", "nashmtl", "mgda"} <= set(GROUPS["mtl"])
     assert {"paper", "quick", "smoke"} <= set(GROUPS["budget"])
     assert {
         "main",
@@ -38,6 +41,7 @@ def test_expected_options_exist():
         "multitask_vs_single",
         "sts_head",
         "peft_methods",
+        "mtl_methods",
     } <= set(GROUPS["experiment"])
     assert {"gpus", "slurm", "local"} <= {p.stem for p in (ROOT / "conf" / "hydra" / "launcher").glob("*.yaml")}
 
@@ -59,7 +63,8 @@ def test_defaults_are_the_studys():
         ("prefix_length", {"adapter.length": "1,2,4,8"}),
         ("prefix_mlp", {"adapter.mlp": "true,false", "adapter.length": "2,4,8"}),
         ("epochs", {"adapter": "full,lora,prefix"}),
-        ("peft_methods", {"adapter": "frozen,full,lora,prefix,ia3,dora"}),
+        ("peft_methods", {"adapter": "frozen,full,lora,prefix,ia3,dora,bitfit,bottleneck,bottleneck_pfeiffer"}),
+        ("mtl_methods", {"adapter": "lora,full", "mtl": "sum,upgrad,pcgrad,cagrad,nashmtl"}),
     ],
 )
 def test_experiments_hold_their_sweeps(study, expected):

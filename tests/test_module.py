@@ -353,7 +353,7 @@ def test_precision_auto_and_bf16_on_a_cpu_without_native_bf16(monkeypatch, caplo
     monkeypatch.setattr(train_mod.torch.cuda, "is_available", lambda: False)
     assert train_mod.precision_for("auto", "auto") == "32-true"
     assert train_mod.precision_for("auto", "gpu") == "bf16-mixed"
-    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train_mod, "cpu_has_native_bf16", lambda: True)  # as train.py imported it
     with caplog.at_level("WARNING", logger="peft_lightning"):
         assert train_mod.precision_for("bf16-mixed", "cpu") == "bf16-mixed"
     assert not caplog.records
@@ -365,7 +365,14 @@ def test_precision_auto_and_bf16_on_a_cpu_without_native_bf16(monkeypatch, caplo
 
 
 @pytest.mark.slow
-def test_compile_mode_reaches_training(tiny_model_dir, data_dir, tmp_path):
+def test_compile_mode_reaches_training(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """peft-train's model.compile reaches the encoder's compile call, in a run that completes (the
+    compiled numerics: test_fastpath's same-losses tests; the eager backend keeps this one short)."""
+    modes = []
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(
+        torch.nn.Module, "compile", lambda self, mode=None: modes.append(mode) or compile_(self, backend="eager")
+    )
     res = run(
         tiny_model_dir,
         data_dir,
@@ -375,7 +382,7 @@ def test_compile_mode_reaches_training(tiny_model_dir, data_dir, tmp_path):
         "data.pad_to_multiple_of=16",
         "+trainer.fast_dev_run=true",
     )
-    assert res["status"] == "complete" and res["steps"] == 1
+    assert res["status"] == "complete" and res["steps"] == 1 and modes == ["reduce-overhead"]
 
 
 def test_unknown_compile_mode_is_a_config_error(tiny_model_dir, data_dir, tmp_path):

@@ -1,4 +1,6 @@
 from peft_lightning.adapters.base import Adapter
+from peft_lightning.adapters.bitfit import BitFit
+from peft_lightning.adapters.bottleneck import Bottleneck, BottleneckLinear
 from peft_lightning.adapters.dora import DoRA, DoRALinear
 from peft_lightning.adapters.frozen import Frozen
 from peft_lightning.adapters.full import Full
@@ -9,6 +11,9 @@ from peft_lightning.adapters.prefix import Prefix, PrefixEncoder
 __all__ = [
     "IA3",
     "Adapter",
+    "BitFit",
+    "Bottleneck",
+    "BottleneckLinear",
     "DoRA",
     "DoRALinear",
     "Frozen",

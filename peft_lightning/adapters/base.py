@@ -30,6 +30,12 @@ class Adapter(nn.Module):
         """Set requires_grad on the encoder and inject any modules into it."""
         raise NotImplementedError
 
+    def encoder_params(self) -> list[nn.Parameter]:
+        """Parameters inside the encoder that are this strategy's own (they train at
+        `optim.adapter_lr`): what its wrapped layers add (LoRA's A and B, (IA)^3's vectors), not their
+        frozen base; BitFit's chosen biases."""
+        return [p for m in getattr(self, "layers", []) for n, p in m.named_parameters() if not n.startswith("base.")]
+
     def prefix_kv(self) -> list[PrefixKV] | None:
         """Per-layer prefix keys/values for the encoder, or None."""
         return None

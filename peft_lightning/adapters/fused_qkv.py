@@ -36,7 +36,7 @@ class FusedQKV(nn.Module):
         super().__init__()
         self._attention = [attention]
         self.low_rank = low_rank
-        self._frozen: tuple[tuple, torch.Tensor, torch.Tensor] | None = None
+        self._frozen: tuple[tuple, torch.Tensor, torch.Tensor | None] | None = None
         # set by LoRA for one pass: [Aq; Ak; Av] and blockdiag(B) in the autocast dtype, or their Arena place
         self.cast: tuple[torch.Tensor, torch.Tensor] | ArenaCast | None = None
 
@@ -72,18 +72,17 @@ class FusedQKV(nn.Module):
         return out.chunk(3, dim=-1)
 
     def _stacked(self, bases: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-        params = [p for b in bases for p in (b.weight, b.bias)]
-        if any(p.requires_grad for p in params) or torch.compiler.is_compiling():  # compile fuses the cat
-            return torch.cat([b.weight for b in bases]), torch.cat([b.bias for b in bases])
-        # frozen: stack once, again only if a weight changed in place (LoRA merge / unmerge, loading)
+        weights, biases = [b.weight for b in bases], [b.bias for b in bases]
+        if any(p.requires_grad for p in weights) or torch.compiler.is_compiling():  # compile fuses the cat
+            return torch.cat(weights), torch.cat(biases)
+        # frozen weights: stack once, again only if one changed in place (LoRA merge / unmerge, loading);
+        # biases that train (BitFit) are stacked each pass, frozen ones with the weights
+        trained_bias = any(p.requires_grad for p in biases)
+        params = weights if trained_bias else weights + biases
         key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
         if self._frozen is None or self._frozen[0] != key:
-            self._frozen = (
-                key,
-                torch.cat([b.weight for b in bases]).detach(),
-                torch.cat([b.bias for b in bases]).detach(),
-            )
-        return self._frozen[1], self._frozen[2]
+            self._frozen = (key, torch.cat(weights).detach(), None if trained_bias else torch.cat(biases).detach())
+        return self._frozen[1], torch.cat(biases) if trained_bias else self._frozen[2]
 
     def extra_repr(self) -> str:
         return f"low_rank={self.low_rank}"

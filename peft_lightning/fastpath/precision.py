@@ -8,6 +8,11 @@ from torch import nn
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
+def cpu_has_native_bf16() -> bool:
+    """oneDNN multiplies bf16 natively on this CPU (AVX512-BF16 or AMX); elsewhere bf16 is emulated."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def store_frozen_in(encoder: nn.Module, dtype: torch.dtype) -> None:
     """Keep frozen matrices (and frozen linear biases) in the autocast dtype, once.
 
