@@ -90,7 +90,8 @@ def build(cfg: DictConfig) -> tuple[Backbone, MultiTaskDataModule, MultiTaskModu
     optim = Optim.from_config(cfg.optim, adapter.name)
     mtl = build_mtl(cfg)
     model = build_model(cfg, backbone, adapter, dm.task_names)
-    if mtl.active and not any(p.requires_grad for _, p in [*model.parts()[0], *model.parts()[1]]):
+    encoder, adapter_params, _ = model.parts()
+    if mtl.active and not (encoder or adapter_params):  # parts() holds only what trains
         raise ValueError(
             f"mtl={mtl.name} with adapter={adapter.name}: nothing but the heads trains, so there is "
             "no shared gradient to aggregate; use mtl=sum"

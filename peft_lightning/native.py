@@ -24,44 +24,36 @@ TENSORS = "adapter.safetensors"
 CONFIG = "adapter.json"
 
 
-def native_tensors(model) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under the layout's names (fp32, detached copies)."""
+def live_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's own parameters under the layout's names (the live tensors, not copies)."""
     adapter = model.adapter
     out: dict[str, torch.Tensor] = {}
-    wrapped: set[int] = set()
     for name, layer in zip(adapter.target_names, adapter.layers):
         for part, t in layer.native_tensors().items():
             out[f"{name}.adapter.{part}"] = t
-            wrapped.add(id(t))
+    wrapped = {id(t) for t in out.values()}
     names = {id(p): n for n, p in model.encoder.named_parameters()}
     for p in adapter.encoder_params():
         if id(p) not in wrapped:
             out[names[id(p)]] = p
-    return {k: v.detach().float().contiguous().clone() for k, v in out.items()}
+    return out
+
+
+def native_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under the layout's names (fp32, detached copies)."""
+    return {k: v.detach().float().contiguous().clone() for k, v in live_tensors(model).items()}
 
 
 @torch.no_grad()
 def load_native(model, tensors: dict[str, torch.Tensor], where: str) -> None:
     """Copy the layout's tensors into a freshly built model of the same adapter; every tensor the
     adapter trains must be there, with its shape (a ValueError naming `where` and the tensor if not)."""
-    want = {}
-    adapter = model.adapter
-    for name, layer in zip(adapter.target_names, adapter.layers):
-        for part, t in layer.native_tensors().items():
-            want[f"{name}.adapter.{part}"] = t
-    wrapped = {id(t) for t in want.values()}
-    for n, p in model.encoder.named_parameters():
-        if any(p is q for q in adapter.encoder_params()) and id(p) not in wrapped:
-            want[n] = p
+    want = live_tensors(model)
     missing = sorted(set(want) - set(tensors))
     extra = sorted(set(tensors) - set(want))
     if missing or extra:
-        raise ValueError(
-            f"{where}: does not match the run's adapter: "
-            + "; ".join(
-                x for x in (f"missing {missing[:3]}" if missing else "", f"unknown {extra[:3]}" if extra else "") if x
-            )
-        )
+        problems = [f"missing {missing[:3]}" if missing else "", f"unknown {extra[:3]}" if extra else ""]
+        raise ValueError(f"{where}: does not match the run's adapter: " + "; ".join(x for x in problems if x))
     for key, param in want.items():
         if tuple(tensors[key].shape) != tuple(param.shape):
             raise ValueError(
