@@ -156,7 +156,9 @@ def plot_epochs(path: Path, runs: list[dict], heading: str) -> bool:
     ax.set_ylabel("avg of SST-5 acc, QQP acc, STS-B Pearson")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title(heading + " (mean over seeds; band: lowest to highest seed)", done, None), fontsize=9)
+    finished = {(i,): [r] for i, r in enumerate(done) if r.get("status") == "complete"}
+    rows = StudyComparison(finished, n_boot=2) if finished else None  # the dev rows every run predicted
+    fig.suptitle(title(heading + " (mean over seeds; band: lowest to highest seed)", done, rows), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -113,6 +113,11 @@ def _params(params: dict) -> str:
     return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
+def _unit(parts: int) -> str:
+    """What a trial's Lightning epoch is, with `tune.epoch_parts` = parts: epochs, half-epochs, ..."""
+    return {1: "epochs", 2: "half-epochs", 3: "third-epochs", 4: "quarter-epochs"}.get(parts, f"1/{parts}-epochs")
+
+
 def search_section(root: Path, out: Path) -> list[str]:
     """peft-tune search=optuna, read from its journal: per strategy the best configuration, the
     trials (complete, pruned, failed), the epochs pruning saved, values at the edge of their range,
@@ -131,27 +136,32 @@ def search_section(root: Path, out: Path) -> list[str]:
                 _params(best["params"]) if best else "-",
                 f"{best['score']:.4f} (trial {best['trial']})" if best else "-",
                 f"{s['trials']} ({s['complete']} complete, {s['pruned']} pruned, {s['failed']} failed)",
-                f"{saved} of {total} ({saved / max(1, total):.0%})" if best else "-",
+                f"{saved} of {total} {_unit(s.get('parts', 1))} ({saved / max(1, total):.0%})" if best else "-",
                 "; ".join(s.get("at_edge") or []) or "no",
             ]
         )
-    header = ["strategy", "best configuration", "select avg", "trials", "epochs saved by pruning", "at the edge"]
+    header = ["strategy", "best configuration", "select avg", "trials", "training saved by pruning", "at the edge"]
+    parts = max((s.get("parts", 1) for s in found), default=1)
+    when = "each epoch" if parts == 1 else f"each {_unit(parts)[:-1]} (`tune.epoch_parts={parts}`)"
     lines = [
-        "Optuna search (`peft-tune search=optuna`: TPE, pruned on the selection split's avg after each epoch; "
+        f"Optuna search (`peft-tune search=optuna`: TPE, pruned on the selection split's avg after {when}; "
         "the final runs in `tuned` train with other seeds):",
         "",
         markdown(header, rows),
         "",
     ]
     trials = []
+    number = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
     for s in found:
-        for t in s["scores"]:
-            if t["score"] is not None:
-                shown = f"{t['score']:.4f}"
-            else:
-                shown = f"({t['last']:.4f} when stopped)" if t.get("last") is not None else "-"
-            trials.append([s["strategy"], str(t["trial"]), t["state"], shown, str(t["epochs"]), _params(t["params"])])
-    write_csv(out / "search_trials.csv", ["strategy", "trial", "state", "select avg", "epochs", "params"], trials)
+        for t in s["scores"]:  # numbers: a complete trial's score (Optuna gives a pruned one its last), the last reported
+            passes = f"{t['epochs'] / s.get('parts', 1):.3g}"  # passes over the training data
+            trials.append(
+                [s["strategy"], t["trial"], t["state"], number(t["score"] if t["state"] == "complete" else None)]
+                + [number(t.get("last")), t["epochs"], passes]
+                + [_params(t["params"])]
+            )
+    header = ["strategy", "trial", "state", "select_avg", "last_reported", "epochs", "passes", "params"]
+    write_csv(out / "search_trials.csv", header, trials)
     lines += ["Every trial: `search_trials.csv`.", ""]
     imps = {s["strategy"]: search.importances(folder, s["strategy"]) for s in found}
     if plot_search(out / "search.png", found, imps):

@@ -7,7 +7,9 @@ switched on with `use: true`). A trial is an ordinary run, `<sweep root>/tune_op
 overrides>`, with its results.json, so the report, resume and sharing work on it. It trains with
 `tune.search_seed` (by default one past the budget's largest seed: the final runs' seeds are not
 the search's) and no test predictions. After every epoch its selection-split avg (`select/avg`:
-rows held out of training; never dev) is reported to Optuna, and optuna-integration's Lightning
+rows held out of training; never dev) is reported to Optuna (with `tune.epoch_parts` = K, a pass
+over the training data is K Lightning epochs, `data.epoch_parts`, so the pruner sees K scores a
+pass: budget=cpu trains one pass and cuts it in four), and optuna-integration's Lightning
 pruning callback stops it when the pruner (`tune.pruner`: median, sha (successive halving) or
 none) says it is losing; its results.json then says `pruned`.
 
@@ -48,11 +50,15 @@ def sampler(seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=3)
 
 
-def pruner(name: str):
+def pruner(name: str, startup: int = 2):
+    """`tune.pruner`; `startup` (tune.pruner_startup): the median pruner's trials run whole before it
+    prunes (below the median of earlier trials at the same epoch)."""
     import optuna
 
-    if name == "median":  # below the median of earlier trials at the same epoch, after 2 complete trials
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if isinstance(startup, bool) or not isinstance(startup, int) or startup < 1:
+        raise ConfigError(f"tune.pruner_startup={startup!r}: expected a whole number >= 1")
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
     if name == "sha":
         return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
     if name == "none":
@@ -138,7 +144,11 @@ def open_study(storage, strategy: str, tune: DictConfig, worker: int = 0):
     import optuna
 
     study = optuna.create_study(
-        study_name=strategy, storage=storage, direction="maximize", pruner=pruner(str(tune.pruner)), load_if_exists=True
+        study_name=strategy,
+        storage=storage,
+        direction="maximize",
+        pruner=pruner(str(tune.pruner), tune.get("pruner_startup", 2)),
+        load_if_exists=True,
     )
     # a resumed search must not draw its first values again: the seed moves on with the trials there
     study.sampler = sampler(int(tune.sampler_seed) + 1000 * worker + len(study.get_trials(deepcopy=False)))
@@ -176,12 +186,24 @@ def quoted(text: str) -> str:
 
 
 def trial_config(budget: str, rest: list[str], root: Path, overrides: list[str]) -> DictConfig:
+    """A trial's run config. With tune.epoch_parts = K > 1, each pass over the training data is K
+    Lightning epochs (`data.epoch_parts`), each validated on the selection split alone (no train_eval
+    sample), so the pruner sees the trial K times a pass: at budget=cpu's one epoch, without parts,
+    a trial is over before it can be pruned."""
     name = run_name(overrides)
+    base = [f"budget={budget}", *rest, *overrides]
+    plain = compose(base)
+    parts = plain.tune.get("epoch_parts", 1)
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ConfigError(f"tune.epoch_parts={parts!r}: expected a whole number >= 1")
+    cut = []
+    if parts > 1:
+        epochs = int(plain.trainer.max_epochs)
+        cut = [f"data.epoch_parts={parts}", f"trainer.max_epochs={epochs * parts}", "data.train_eval=0"]
     return compose(
         [
-            f"budget={budget}",
-            *rest,
-            *overrides,
+            *base,
+            *cut,
             f"study={STUDY}",
             "predict=false",
             f"output_dir={quoted(str(root / STUDY / name))}",
@@ -215,7 +237,8 @@ def work(
             raise ConfigError("peft-tune search=optuna runs a trial in one process: trainer.strategy=ddp is refused")
         trial.set_user_attr("run", run_name(overrides))
         trial.set_user_attr("overrides", overrides[1:-1])  # what the final runs train with (less strategy and seed)
-        trial.set_user_attr("epochs", int(run_cfg.trainer.max_epochs))
+        trial.set_user_attr("epochs", int(run_cfg.trainer.max_epochs))  # Lightning epochs: parts of passes
+        trial.set_user_attr("parts", int(run_cfg.data.get("epoch_parts") or 1))
         trial.set_user_attr("worker", worker)
         print(f"== {strategy} trial {trial.number}: {' '.join(overrides[1:-1])}", flush=True)
         # a folder this trial resumes (a cut-off trial asked again): its recorded epochs reported first,
@@ -302,6 +325,7 @@ def summary(root: Path, strategy: str, epochs: int | None = None) -> dict | None
             }
             for t in trials
         ],
+        "parts": max((int(t.user_attrs.get("parts") or 1) for t in trials), default=1),
     }
     if not complete:
         return out

@@ -61,6 +61,8 @@ def training_identity(config: dict) -> dict:
         out["optim"] = {k: v for k, v in out["optim"].items() if k != "loraplus_ratio"}
     if isinstance(out.get("data"), dict):
         out["data"] = {k: v for k, v in out["data"].items() if k not in IGNORED_DATA}
+        if out["data"].get("epoch_parts") == 1:
+            out["data"].pop("epoch_parts")
     if isinstance(out.get("trainer"), dict):
         out["trainer"] = {k: v for k, v in out["trainer"].items() if k not in IGNORED_TRAINER}
     if isinstance(out.get("model"), dict):

@@ -167,7 +167,7 @@ def optuna_main(cfg, budget: str, rest: list[str], plan_only: bool | None) -> No
     trials, workers = int(cfg.tune.trials), int(cfg.tune.workers)
     for name in strategies:  # the spaces and the pruner checked before anything runs
         search.distributions(search.axes(cfg, name))
-    search.pruner(str(cfg.tune.pruner))
+    search.pruner(str(cfg.tune.pruner), cfg.tune.get("pruner_startup", 2))
     if trials < 1 or workers < 1:
         raise ConfigError(f"tune.trials={trials}, tune.workers={workers}: expected whole numbers >= 1")
     if search.search_seed(cfg) in [int(s) for s in seeds]:
@@ -207,7 +207,7 @@ def optuna_main(cfg, budget: str, rest: list[str], plan_only: bool | None) -> No
     final = sweep_dir("tuned", budget, rest)
     chosen, missing = {}, []
     for name in strategies:
-        found = search.summary(root, name, epochs)
+        found = search.summary(root, name)
         if not found or not found.get("best"):
             missing.append(name)
             continue

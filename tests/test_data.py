@@ -200,6 +200,42 @@ def test_schedules_are_seeded_per_epoch(schedule):
     assert keys_of(s, 2) != keys_of(other, 2)
 
 
+@pytest.mark.parametrize("schedule", ["joint", "round_robin", "proportional"])
+@pytest.mark.parametrize("parts", [2, 3, 7])
+def test_epoch_parts_cut_a_pass_into_consecutive_epochs(schedule, parts):
+    """K Lightning epochs of a sampler with parts=K are exactly one epoch of the same sampler without
+    parts: the same steps, in order, pass after pass; Lightning sizes epochs by the first, the longest."""
+    whole = ScheduleSampler(SIZES, BS, schedule, seed=5)
+    cut = ScheduleSampler(SIZES, BS, schedule, seed=5, parts=parts)
+    for p in (0, 1):
+        pieces = [keys_of(cut, p * parts + k) for k in range(parts)]
+        assert [key for piece in pieces for key in piece] == keys_of(whole, p)
+        lengths = [len(piece) for piece in pieces]
+        assert max(lengths) - min(lengths) <= 1 and lengths == sorted(lengths, reverse=True) and min(lengths) >= 1
+        assert [(cut.set_epoch(p * parts + k), len(cut))[1] for k in range(parts)] == lengths
+
+
+def test_epoch_parts_are_dealt_to_ddp_ranks_part_by_part():
+    whole = ScheduleSampler(SIZES, BS, "joint", seed=1, parts=2)
+    ranks = [ScheduleSampler(SIZES, BS, "joint", seed=1, parts=2) for _ in range(2)]
+    for r, s in enumerate(ranks):
+        s.shard(r, 2)
+    for epoch in (0, 1):
+        part = keys_of(whole, epoch)  # 4 then 3 of the pass's 7 steps
+        dealt = [keys_of(s, epoch) for s in ranks]
+        assert dealt[0] == part[0::2] and dealt[1][: len(part[1::2])] == part[1::2]
+        assert len(dealt[0]) == len(dealt[1]) == -(-len(part) // 2)
+
+
+@pytest.mark.parametrize(
+    "parts,match",
+    [(8, "data.epoch_parts=8 is more than the 7 steps of a pass"), (0, "data.epoch_parts must be a whole number >= 1")],
+)
+def test_epoch_parts_are_checked(parts, match):
+    with pytest.raises(ValueError, match=match):
+        ScheduleSampler(SIZES, BS, "joint", parts=parts)
+
+
 def test_unknown_schedule_is_rejected():
     with pytest.raises(ValueError, match="data.schedule='mixed' is unknown"):
         ScheduleSampler(SIZES, BS, "mixed")

@@ -13,6 +13,7 @@ import pytest
 from conftest import make_data_dir
 
 from peft_lightning import search
+from peft_lightning.config import ConfigError, compose
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -79,16 +80,46 @@ def test_search_spaces_are_checked_before_anything_runs(capsys):
     assert "the final runs' seeds must not be the search's" in capsys.readouterr().err
 
 
+def test_budget_cpu_trials_cut_their_pass_into_four_validated_parts(tmp_path):
+    """budget=cpu trains one pass: its trials are four quarter-passes, each scored on the selection
+    split alone, so the pruner can stop a trial after a quarter; other budgets' trials are plain runs."""
+    overrides = ["adapter=lora", "optim.adapter_lr=0.001", "seed=4"]
+    cut = search.trial_config("cpu", [], tmp_path, overrides)
+    assert (cut.data.epoch_parts, cut.trainer.max_epochs, cut.data.train_eval) == (4, 4, 0)
+    assert cut.data.limit_train == 5000 and cut.predict is False and cut.optim.adapter_lr == 0.001
+    assert cut.output_dir == str(tmp_path / search.STUDY / search.run_name(overrides))
+    plain = search.trial_config("smoke", [], tmp_path, overrides)
+    smoke = compose(["budget=smoke"])
+    assert plain.data.epoch_parts == 1 and plain.trainer.max_epochs == smoke.trainer.max_epochs
+    assert plain.data.train_eval == smoke.data.train_eval
+    doubled = search.trial_config("smoke", ["tune.epoch_parts=2"], tmp_path, overrides)
+    assert doubled.trainer.max_epochs == 2 * smoke.trainer.max_epochs
+    with pytest.raises(ConfigError, match="tune.epoch_parts=0: expected a whole number >= 1"):
+        search.trial_config("smoke", ["tune.epoch_parts=0"], tmp_path, overrides)
+    with pytest.raises(ConfigError, match="tune.pruner_startup=0"):
+        search.pruner("median", 0)
+
+
 @pytest.mark.slow
 def test_a_search_killed_9_resumes_prunes_losing_trials_and_retrains_the_best(tiny_model_dir, tmp_path, capsys):
-    """6 trials, half of the range training nothing: kill -9 part-way through the second trial, run
-    the same command again; no trial lost or duplicated, losing trials pruned, the best retrained."""
+    """6 trials of one pass cut into three validated parts, half of the range training nothing: kill
+    -9 part-way through the second trial, run the same command again; no trial lost or duplicated,
+    losing trials pruned after a part, the best retrained."""
     from optuna.trial import TrialState
 
     from peft_lightning.tune import main
 
-    data = make_data_dir(tmp_path / "data", n_train=160)
-    args = tune_args(tiny_model_dir, data, tmp_path, "tune.trials=6", "tune.sampler_seed=0", "data.limit_train=160")
+    data = make_data_dir(tmp_path / "data", n_train=432)  # 408 rows trained on: 102 steps a pass, 34 a part
+    args = tune_args(
+        tiny_model_dir,
+        data,
+        tmp_path,
+        "tune.trials=6",
+        "tune.sampler_seed=0",
+        "data.limit_train=408",
+        "trainer.max_epochs=1",
+        "tune.epoch_parts=3",
+    )
     cmd = [sys.executable, "-m", "peft_lightning.tune", *args]
     proc = subprocess.Popen(
         cmd, cwd=tmp_path, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
@@ -129,16 +160,19 @@ def test_a_search_killed_9_resumes_prunes_losing_trials_and_retrains_the_best(ti
         assert len(t.intermediate_values) < 3 and max(t.intermediate_values.values()) < best.value
         res = json.loads((folder / t.user_attrs["run"] / "results.json").read_text())
         assert res["status"] == "pruned" and "pruner" in res["error"]
-    for t in complete:  # the trial's value is its run's chosen epoch on the selection split
+    for t in complete:  # the trial's value is its run's chosen part on the selection split
         res = json.loads((folder / t.user_attrs["run"] / "results.json").read_text())
         assert res["status"] == "complete" and res["seed"] == 2  # one past budget.seeds: not a final run's seed
         assert res["best"]["select_avg"] == pytest.approx(t.value) and "test" not in json.dumps(res.get("predictions"))
+        assert res["config"]["data"]["epoch_parts"] == 3 and len(res["history"]) == 3  # one pass, three parts
+        assert [h["step"] for h in res["history"]] == [34, 68, 102] and "train_eval" not in res["history"][0]
     # the chosen configuration is the best complete trial's, retrained over the budget's seeds
     chosen = json.loads((root / "tuned" / "tuned_optuna.json").read_text())["strategies"]["frozen"]
     assert chosen["best"]["trial"] == best.number and chosen["overrides"] == [f"optim.head_lr={best.params['lr']:.3g}"]
     final = [json.loads(p.read_text()) for p in (root / "tuned").rglob("results.json")]
     assert len(final) == 1 and final[0]["seed"] == 1 and final[0]["status"] == "complete"
     assert final[0]["lr"]["head_lr"] == float(f"{best.params['lr']:.3g}")
+    assert final[0]["config"]["data"]["epoch_parts"] == 1 and final[0]["history"][-1]["step"] == 102  # one whole pass
     assert f"frozen: trial {best.number} " in out and f"{len(pruned)} pruned, 1 failed of 7 trials" in out
     # the report's search section: the best configuration, the pruned count, every trial as numbers
     report = (root / "report" / "report.md").read_text()
@@ -146,6 +180,12 @@ def test_a_search_killed_9_resumes_prunes_losing_trials_and_retrains_the_best(ti
     with open(root / "report" / "search_trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 7 and [r["state"] for r in rows].count("pruned") == len(pruned)  # and the failed one
+    assert "pruned on the selection split's avg after each third-epoch (`tune.epoch_parts=3`)" in report
+    for r in rows:  # numbers: a complete trial's score and one pass, a pruned one's last score and a part or two
+        if r["state"] == "complete":
+            assert float(r["select_avg"]) > 0 and float(r["passes"]) == 1
+        if r["state"] == "pruned":
+            assert r["select_avg"] == "" and float(r["last_reported"]) >= 0 and float(r["passes"]) < 1
     assert (root / "report" / "search.png").is_file()
 
 

@@ -69,12 +69,13 @@ def test_training_identity_leaves_out_what_does_not_change_a_run(tiny_model_dir,
     assert ident("adapter=full", "optim.tuned_lr=3e-5") == ident("adapter=full", "optim.lr=3e-5")
     assert ident("adapter=frozen", "optim.tuned_lr=3e-4") == ident("adapter=frozen", "optim.head_lr=3e-4")
     assert ident("adapter=full", "optim.tuned_lr=3e-5") != ident("adapter=full", "optim.adapter_lr=3e-5")
-    # a run from before mtl and optim.loraplus_ratio existed is the same run as one at their defaults
+    # a run from before mtl, optim.loraplus_ratio and data.epoch_parts existed is the same run as one at their defaults
     old = compose(tiny_overrides(tiny_model_dir, data_dir, tmp_path))
     old = OmegaConf.to_container(old, resolve=True)
-    del old["mtl"], old["optim"]["loraplus_ratio"]
+    del old["mtl"], old["optim"]["loraplus_ratio"], old["data"]["epoch_parts"]
     assert training_identity(old) == base
     assert ident("mtl=upgrad") != base and ident("optim.loraplus_ratio=4") != base
+    assert ident("data.epoch_parts=2") != base
 
 
 def test_a_run_with_test_predictions_covers_a_job_that_asks_for_none(tiny_model_dir, data_dir, tmp_path):

@@ -278,3 +278,27 @@ def test_report_has_intervals_checked_findings_and_prefix_mlp_as_hydra_names_it(
     assert mlp_fig.get_axes()[0].get_xlabel() == "adapter.length" and len(mlp_fig.get_axes()[0].containers) == 2
     assert_numeric_csvs(tmp_path)  # the intervals' columns are numbers too
     close("all")
+
+
+def test_the_epochs_figure_names_the_dev_rows_its_curves_rest_on(tmp_path, monkeypatch):
+    """epochs.png's heading gives the dev rows every run predicted, as the other figures' do (not `-`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peft_lightning.figures import plot_epochs
+
+    runs = []
+    for s in (1, 2):
+        res = write_run(tmp_path, "epochs", ["adapter=lora"], s, task_preds(0.6, s, n=300))
+        res["history"] = [{"epoch": e, "dev_avg": 0.5 + e / 100, "train_avg": 0.6 + e / 50} for e in (1, 2, 3)]
+        runs.append(res)
+    close = plt.close
+    close("all")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)  # the figure stays open, to be looked at here
+    assert plot_epochs(tmp_path / "epochs.png", runs, "Epoch budgets")
+    (fig,) = [plt.figure(n) for n in plt.get_fignums()]
+    heading = fig._suptitle.get_text()
+    assert "seeds 1, 2" in heading and heading.endswith("dev rows SST-5 300, QQP 300, STS-B 300"), heading
+    close("all")

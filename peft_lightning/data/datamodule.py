@@ -102,6 +102,8 @@ class MultiTaskDataModule(L.LightningDataModule):
         pad_to_multiple_of: round batch widths up to this multiple (bucketed shapes for compile).
         group_by_length: 0 (the study: random training batches), or training batches of similar
             lengths, grouped within runs of this many batches (`schedules.BatchStream`; less padding).
+        epoch_parts: Lightning epochs one pass over the training data is cut into (1: an epoch is a
+            pass). Each part is validated: peft-tune's Optuna trials use it to prune within a pass.
     """
 
     def __init__(
@@ -129,6 +131,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         tokenizer_id: str | None = None,
         pad_to_multiple_of: int = 1,
         group_by_length: int = 0,
+        epoch_parts: int = 1,
     ):
         super().__init__()
         self.dir = Path(dir)
@@ -166,6 +169,7 @@ class MultiTaskDataModule(L.LightningDataModule):
         self.on_bad_row = on_bad_row
         self.multiple = whole("data.pad_to_multiple_of", pad_to_multiple_of, 1)
         self.group_by_length = whole("data.group_by_length", group_by_length, 0)
+        self.epoch_parts = whole("data.epoch_parts", epoch_parts, 1)
         self.splits: dict[tuple[str, str], EncodedSplit] = {}
         self.sampler: ScheduleSampler | None = None
 
@@ -214,6 +218,7 @@ class MultiTaskDataModule(L.LightningDataModule):
             self.seed,
             lengths={t: s.lengths() for t, s in train.items()} if self.group_by_length else None,
             group_by_length=self.group_by_length,
+            parts=self.epoch_parts,
         )
 
     def split(self, task: str, split: str) -> EncodedSplit:

@@ -19,10 +19,17 @@ r + 2W, ... of it, ceil(S / W) steps each (S the steps above; a rank short of a 
 epoch's first ones, so every rank takes as many steps and none waits in a collective). Each
 optimizer step then sees W batches of each scheduled task (W x the batch size), and an epoch
 has about S / W optimizer steps: the same rows, in fewer, larger steps.
+
+With `parts` = K > 1, one pass over the data (the epoch above) is cut into K consecutive parts and
+each is a Lightning epoch of its own: Lightning epoch e is part e mod K of pass e // K, drawn exactly
+as that pass's steps, so K Lightning epochs train on what one epoch trains on without parts.
+Validation (and Optuna's pruner, `peft-tune search=optuna` with `tune.epoch_parts`) then sees the
+run K times a pass, without validating mid-epoch.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterator
 
@@ -92,6 +99,8 @@ class ScheduleSampler(Sampler[Key]):
         lengths: tokens of each row per task (its longest pass), for `group_by_length`.
         group_by_length: 0 (the study: random batches), or batches grouped by length within runs of
             this many batches (see `BatchStream`); needs `lengths`.
+        parts: Lightning epochs a pass over the data is cut into (see the module doc); 1: an epoch
+            is a pass.
     """
 
     def __init__(
@@ -103,6 +112,7 @@ class ScheduleSampler(Sampler[Key]):
         seed: int = 0,
         lengths: dict[str, torch.Tensor] | None = None,
         group_by_length: int = 0,
+        parts: int = 1,
     ):
         if schedule not in SCHEDULES:
             raise ValueError(f"data.schedule={schedule!r} is unknown; expected one of {list(SCHEDULES)}")
@@ -117,6 +127,22 @@ class ScheduleSampler(Sampler[Key]):
         self.temperature = 1.0 if schedule == "proportional" else temperature
         self.n_batches = {t: math.ceil(n / self.batch_sizes[t]) for t, n in self.sizes.items()}
         self.rank, self.replicas = 0, 1
+        self.parts = whole("data.epoch_parts", parts, 1)
+        if self.parts > self.schedule_steps():
+            raise ValueError(
+                f"data.epoch_parts={self.parts} is more than the {self.schedule_steps()} steps of a pass over the data"
+            )
+
+    @property
+    def pass_index(self) -> int:
+        """Which pass over the data this epoch is (of): the seeds' epoch."""
+        return self.epoch // self.parts
+
+    def part_steps(self) -> tuple[int, int]:
+        """[start, stop) of this epoch's steps within its pass: consecutive parts whose lengths differ by
+        at most one, the first ones the longest (Lightning sizes its epochs by the first), none empty."""
+        steps, k = self.schedule_steps(), self.epoch % self.parts
+        return -(-k * steps // self.parts), -(-(k + 1) * steps // self.parts)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -128,13 +154,16 @@ class ScheduleSampler(Sampler[Key]):
         self.rank, self.replicas = rank, replicas
 
     def __len__(self) -> int:
-        return math.ceil(self.schedule_steps() / self.replicas)
+        start, stop = self.part_steps()
+        return math.ceil((stop - start) / self.replicas)
 
     def __iter__(self) -> Iterator[Key]:
+        start, stop = self.part_steps()
+        steps = itertools.islice(self._schedule(), start, stop)
         if self.replicas == 1:
-            yield from self._schedule()
+            yield from steps
             return
-        keys = list(self._schedule())
+        keys = list(steps)
         mine = keys[self.rank :: self.replicas]
         yield from mine + keys[: len(self) - len(mine)]
 
@@ -159,7 +188,7 @@ class ScheduleSampler(Sampler[Key]):
                 self.sizes[t],
                 self.batch_sizes[t],
                 self.seed,
-                self.epoch,
+                self.pass_index,
                 i,
                 self.lengths[t] if self.lengths is not None else None,
                 self.group,
@@ -176,7 +205,7 @@ class ScheduleSampler(Sampler[Key]):
                 yield ((t, next(streams[t])),)
         else:
             probs = self.task_probabilities()
-            g = torch.Generator().manual_seed(self.seed * 31 + self.epoch)
+            g = torch.Generator().manual_seed(self.seed * 31 + self.pass_index)
             draws = torch.multinomial(torch.tensor([probs[t] for t in tasks]), steps, replacement=True, generator=g)
             for i in draws.tolist():
                 yield ((tasks[i], next(streams[tasks[i]])),)
