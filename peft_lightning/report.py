@@ -153,7 +153,9 @@ def search_section(root: Path, out: Path) -> list[str]:
     trials = []
     number = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
     for s in found:
-        for t in s["scores"]:  # numbers: a complete trial's score (Optuna gives a pruned one its last), the last reported
+        for t in s[
+            "scores"
+        ]:  # numbers: a complete trial's score (Optuna gives a pruned one its last), the last reported
             passes = f"{t['epochs'] / s.get('parts', 1):.3g}"  # passes over the training data
             trials.append(
                 [s["strategy"], t["trial"], t["state"], number(t["score"] if t["state"] == "complete" else None)]
