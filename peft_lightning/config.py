@@ -71,7 +71,18 @@ def _ray_gpus(address: str | None) -> int:
 OmegaConf.register_new_resolver("run_name", _run_name, replace=True)
 OmegaConf.register_new_resolver("ray_gpus", _ray_gpus, replace=True)
 OmegaConf.register_new_resolver("wandb_mode", _wandb_mode, replace=True)
-OmegaConf.register_new_resolver("join", lambda xs: ",".join(str(x) for x in xs), replace=True)
+
+
+def _join(values, fallback=None) -> str:
+    """A list as a Hydra sweep's comma-separated values; `values` null: `fallback`'s (`budget.main_seeds`
+    null: the budget's seeds)."""
+    values = fallback if values is None else values
+    if values is None:
+        raise ValueError("join: no values (both lists are null)")
+    return ",".join(str(x) for x in values)
+
+
+OmegaConf.register_new_resolver("join", _join, replace=True)
 
 
 def compose(overrides: list[str], hydra_config: bool = False) -> DictConfig:

@@ -5,7 +5,7 @@ Per strategy, an Optuna study (TPE sampling, `tune.sampler_seed`) over the strat
 the strategy, and optional axes such as rank, dropout, prefix length, the heads' lr or warmup, each
 switched on with `use: true`). A trial is an ordinary run, `<sweep root>/tune_optuna/<its
 overrides>`, with its results.json, so the report, resume and sharing work on it. It trains with
-`tune.search_seed` (by default one past the budget's largest seed: the final runs' seeds are not
+`tune.search_seed` (by default one past the budget's largest seed, main's included: the final runs' seeds are not
 the search's) and no test predictions. After every epoch its selection-split avg (`select/avg`:
 rows held out of training; never dev) is reported to Optuna (with `tune.epoch_parts` = K, a pass
 over the training data is K Lightning epochs, `data.epoch_parts`, so the pruner sees K scores a
@@ -275,7 +275,10 @@ def monitor(cfg: DictConfig) -> str:
 
 def search_seed(cfg: DictConfig) -> int:
     seed = cfg.tune.get("search_seed")
-    return int(seed) if seed is not None else max(int(s) for s in cfg.budget.seeds) + 1
+    if seed is not None:
+        return int(seed)
+    reported = [*cfg.budget.seeds, *(cfg.budget.get("main_seeds") or [])]  # every seed a report shows
+    return max(int(s) for s in reported) + 1
 
 
 def trial_score(res: dict) -> float | None:

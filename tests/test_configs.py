@@ -102,3 +102,18 @@ def test_run_folder_names_fit_a_file_system():
     assert _run_name(many[:-1] + "X") != name  # the hash covers what was cut off
     wide = "model.note=" + "é" * 150  # 300 bytes in one override: cut on a character boundary
     assert len(_run_name(wide).encode()) <= MAX_RUN_NAME and _run_name(wide).startswith("model.note=é")
+
+
+def test_budget_cpu_runs_main_over_five_seeds_and_the_other_studies_over_three():
+    from peft_lightning.plan import job_overrides
+    from peft_lightning.search import search_seed
+
+    def seeds(study: str, *rest: str) -> list[int]:
+        jobs = job_overrides(study, "cpu", list(rest))
+        return sorted({int(o.split("=")[1]) for job in jobs for o in job if o.startswith("seed=")})
+
+    assert seeds("main") == [1, 2, 3, 4, 5] and seeds("lora_rank") == [1, 2, 3] and seeds("epochs") == [1, 2, 3]
+    assert seeds("main", "budget.main_seeds=null") == [1, 2, 3]
+    assert seeds("main", "budget.seeds=[7]", "budget.main_seeds=null") == [7]
+    # Optuna's trials train with a seed no report shows: past main's five too
+    assert search_seed(compose(["budget=cpu"])) == 6 and search_seed(compose(["budget=smoke"])) == 43
