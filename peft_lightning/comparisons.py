@@ -179,8 +179,9 @@ def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]
     if label:
         header += [f"Δ {t} {m} vs {label}" for t, m in MAIN] + [f"Δ dev avg vs {label}"]
     with_floor = floor is not None and FLOOR_KEY in comp.preds
+    floor_tasks = [t for t, _ in MAIN if t in comp.tasks] if with_floor and study in FLOOR_PER_TASK else []
     if with_floor:
-        header += ["Δ dev avg vs floor"]
+        header += [f"Δ {t} {m} vs floor" for t, m in MAIN if t in floor_tasks] + ["Δ dev avg vs floor"]
     cells: dict[tuple, list[str]] = {}
     for key in groups:
         score = comp.score(key, None)
@@ -194,8 +195,9 @@ def interval_columns(study: str, keys: list[str], groups: dict[tuple, list[dict]
                 d = comp.difference(key, ref, task) if task is None or task in comp.tasks else None
                 row.append(interval_cell(f"{d.signed()} n={d.n}", d) if d else Num("-"))
         if with_floor:
-            d = comp.difference(key, FLOOR_KEY, None)
-            row.append(interval_cell(f"{d.signed()} n={d.n}", d) if d else Num("-"))
+            for task in [*floor_tasks, None]:
+                d = comp.difference(key, FLOOR_KEY, task)
+                row.append(interval_cell(f"{d.signed()} n={d.n}", d) if d else Num("-"))
         cells[key] = row
     return header, cells, comp
 
@@ -206,3 +208,4 @@ def interval_cell(text: str, interval) -> Num:
 
 
 FLOOR_KEY = ("floor",)  # the bag-of-words run's row key in a comparison
+FLOOR_PER_TASK = ("main", "tuned")  # tables that set each task's score against the floor, not only the avg

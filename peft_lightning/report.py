@@ -250,7 +250,8 @@ def build_report(
             "Floor: a bag-of-words model (TF-IDF 1-2 grams, logistic regression for SST-5 and QQP, ridge for "
             "STS-B) on the full training sets: dev "
             + ", ".join(f"{t} {TASKS[t].main_metric} {fb['dev'][t][TASKS[t].main_metric]:.4f}" for t in fb["dev"])
-            + f", dev avg {fb['dev_avg']:.4f}. Each table's last column is a row's dev avg against it "
+            + f", dev avg {fb['dev_avg']:.4f}. Each table's `Δ dev avg vs floor` column is a row's dev avg "
+            "against it, and the main and tuned tables set each task's main metric against it too "
             "(the floor has no seed: its interval is the rows').",
             "",
         ]

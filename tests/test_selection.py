@@ -156,5 +156,12 @@ def test_the_floor_is_a_run_the_report_scores_every_row_against(tmp_path):
         )
     text = build_report(tmp_path / "sweep").read_text()
     assert "Floor: a bag-of-words model" in text and "Δ dev avg vs floor" in text
-    row = next(line for line in text.splitlines() if line.startswith("| lora |"))
-    assert row.split("|")[-4].strip().endswith("n=3") and len(dev_ids) == 60
+    # main sets each task against the floor too: SST-5 right 90% of the time against the floor's (above 0.4)
+    header = next(line for line in text.splitlines() if line.startswith("| adapter |")).split("|")
+    row = next(line for line in text.splitlines() if line.startswith("| lora |")).split("|")
+    cells = {h.strip(): c.strip() for h, c in zip(header, row)}
+    for column in ("Δ sst5 acc vs floor", "Δ qqp acc vs floor", "Δ stsb pearson vs floor", "Δ dev avg vs floor"):
+        assert cells[column].endswith("n=3"), (column, cells)
+    floor_sst5 = json.loads((floor / "results.json").read_text())["best"]["dev"]["sst5"]["acc"]
+    assert float(cells["Δ sst5 acc vs floor"].split()[0]) == pytest.approx(0.9 - floor_sst5, abs=0.1)
+    assert len(dev_ids) == 60
