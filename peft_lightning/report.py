@@ -18,7 +18,7 @@ from peft_lightning.dashboards import replay_runs
 from peft_lightning.figures import plot_epochs, plot_search, plot_study
 from peft_lightning.findings import MARGIN, findings
 from peft_lightning.floor import FLOOR_DIR, write_floor
-from peft_lightning.results import RESULTS
+from peft_lightning.results import RESULTS, machine_label
 from peft_lightning.runs import Num, load_runs, varying_keys
 from peft_lightning.tables import bold_best, epochs_table, multitask_table, protocol, study_table
 from peft_lightning.tasks import TASKS
@@ -297,20 +297,26 @@ COST_PARTS = ("startup", "features", "train", "validation", "predict")
 
 
 def cost_section(runs: list[dict], out: Path) -> list[str]:
-    """Where the time went, per strategy: each complete run trained once (a shared copy is counted in
-    its source), its mean wall time and the share of each part (`results.Clock`)."""
+    """Where the time went, per strategy, epochs and machine (`results.machine`: times hold for one
+    machine): each complete run trained once (a shared copy is counted in its source), its mean wall
+    time and step, and the share of each part (`results.Clock`)."""
     trained = [r for r in runs if r.get("status") == "complete" and not r.get("shared_from") and r.get("wall_time_s")]
     if not trained:
         return []
-    by_name: dict[str, list[dict]] = {}
+    groups: dict[tuple, list[dict]] = {}
     for r in trained:
-        by_name.setdefault((r.get("adapter") or {}).get("name", "?"), []).append(r)
-    header = ["strategy", "runs", "wall s (mean)", *(f"{p} %" for p in COST_PARTS), "other %"]
+        key = ((r.get("adapter") or {}).get("name", "?"), r.get("epochs") or 0, machine_label(r))
+        groups.setdefault(key, []).append(r)
+    header = ["strategy", "epochs", "machine", "runs", "wall s (mean)", "step ms (mean)"]
+    header += [*(f"{p} %" for p in COST_PARTS), "other %"]
     rows = []
-    for name, rs in sorted(by_name.items()):
+    for (name, epochs, where), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         wall = sum(r["wall_time_s"] for r in rs)
+        steps = [r["step_time_ms"] for r in rs if isinstance(r.get("step_time_ms"), (int, float))]
+        cells = [name, Num(str(epochs or "-"), value=epochs or None), where, Num(str(len(rs)), value=len(rs))]
+        cells.append(Num(f"{wall / len(rs):.1f}", value=wall / len(rs)))
+        cells.append(Num(f"{sum(steps) / len(steps):.0f}", value=sum(steps) / len(steps)) if steps else Num("-"))
         timed = [r for r in rs if r.get("timing")]
-        cells = [name, Num(str(len(rs)), value=len(rs)), Num(f"{wall / len(rs):.1f}", value=wall / len(rs))]
         if timed:
             total = sum(r["wall_time_s"] for r in timed)
             shares = [sum(r["timing"].get(p, 0.0) for r in timed) / total for p in COST_PARTS]
@@ -324,6 +330,7 @@ def cost_section(runs: list[dict], out: Path) -> list[str]:
         rows.append(cells)
     shared = sum(1 for r in runs if r.get("shared_from"))
     write_csv(out / "cost.csv", header, rows)
+    machines = {key[2] for key in groups}
     return [
         "## Where the time went",
         "",
@@ -331,7 +338,9 @@ def cost_section(runs: list[dict], out: Path) -> list[str]:
         "",
         f"Each run trained once: {len(trained)} trained"
         + (f", {shared} more taken from another study's run with the same training config" if shared else "")
-        + ". Other: checkpoints, results and predictions files, and what no part covers. CSV: `cost.csv`",
+        + ". Other: checkpoints, results and predictions files, and what no part covers. "
+        + (f"The runs trained on {len(machines)} machines: compare times within one. " if len(machines) > 1 else "")
+        + "CSV: `cost.csv`",
         "",
     ]
 

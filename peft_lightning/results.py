@@ -107,6 +107,49 @@ def is_complete(run_dir: str | Path) -> bool:
     return bool(res) and res.get("status") == "complete"
 
 
+def machine() -> dict:
+    """Where a run trained, for its times: the CPU (model name, family and model numbers, cores, whether
+    it multiplies bf16 natively: AMX or AVX512-BF16), the GPU if one is used, torch's version. Times are
+    comparable only within one machine: a 2-core VM may land on another CPU from one sitting to the next."""
+    import os
+    import platform
+
+    info: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                    info[key] = value.strip()
+                if not line.strip() and info:  # the first processor's block is enough
+                    break
+    except OSError:  # not Linux
+        pass
+    flags = set(info.get("flags", "").split())
+    cpu = info.get("model name") or platform.processor() or platform.machine()
+    if "cpu family" in info and "model" in info:
+        cpu += f" (family {info['cpu family']}, model {info['model']})"
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "bf16": sorted(f for f in ("amx_bf16", "avx512_bf16") if f in flags),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def machine_label(res: dict) -> str:
+    """A run's machine in one cell: its CPU and cores, or its GPU; `not recorded` for runs from before."""
+    m = res.get("machine")
+    if not isinstance(m, dict):
+        return "not recorded"
+    if m.get("gpu"):
+        return str(m["gpu"])
+    amx = " AMX" if "amx_bf16" in (m.get("bf16") or []) else ""
+    return f"{m.get('cpu', '?')}{amx}, {m.get('cores', '?')} cores"
+
+
 def peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20

@@ -46,6 +46,7 @@ FIELDS = {
     "timing": dict,
     "wall_time_s": (int, float),
     "shared_from": str,
+    "machine": dict,
 }
 JSON_TYPE = {str: "a string", list: "a list", dict: "an object", (int, float): "a number"}
 

@@ -45,6 +45,7 @@ from peft_lightning.results import (
     checkpoint_step,
     collect_predictions,
     in_row_order,
+    machine,
     read_results,
     selection_score,
     summary,
@@ -189,6 +190,7 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float, callbacks: list) -> dict:
         "seed": cfg.seed,
         "lr": module.optim.learning_rates(),  # what each parameter group trains at (optim.tuned_lr applied)
         "mtl": module.mtl.describe(),  # how the tasks' gradients combine (sum: the study's)
+        "machine": machine(),  # where it trained: its times hold for that machine
         "overrides": list(cfg.get("overrides") or []),
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -313,7 +313,7 @@ def wandb_run(run_dir: Path) -> dict:
     return out
 
 
-TEXT_COLUMNS = {"adapter", "status", "strategy", "epoch"}  # settings and how a run ended; the rest are numbers
+TEXT_COLUMNS = {"adapter", "status", "strategy", "epoch", "machine"}  # settings, how a run ended, where; the rest numbers
 
 
 def assert_numeric_csvs(folder: Path) -> None:

@@ -147,6 +147,11 @@ def test_run_writes_results_and_predictions(tiny_model_dir, data_dir, tmp_path):
     assert timing["train"] == pytest.approx(res["train_time_s"], abs=1e-3)
     assert min(timing.values()) >= 0 and timing["startup"] > 0 and timing["validation"] > 0 and timing["predict"] > 0
     assert sum(timing.values()) == pytest.approx(res["wall_time_s"], abs=0.05)
+    # where it trained (its times hold for that machine): the CPU and its cores, the GPU if any, torch
+    where = res["machine"]
+    assert where["cpu"] and where["cores"] >= 1 and where["torch"] == torch.__version__
+    assert where["gpu"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    assert set(where["bf16"]) <= {"amx_bf16", "avx512_bf16"}
 
 
 def test_dev_scored_once_equals_dev_scored_every_epoch(tiny_model_dir, data_dir, tmp_path):

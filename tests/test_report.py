@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
+import pytest
 from conftest import assert_numeric_csvs
 
 from peft_lightning.report import build_report
@@ -215,3 +217,42 @@ def test_a_results_json_that_cannot_be_used_is_a_named_failed_row_and_the_report
         assert f"- `main/adapter=bad{i}/results.json: {problem}" in text, what
     full = next(line for line in text.split("## Main comparison")[1].splitlines() if line.startswith("| full"))
     assert "**0.5000**" in full  # the good runs' table as without the bad files
+
+
+def test_the_cost_table_keeps_machines_and_epoch_counts_apart(tmp_path):
+    """Times hold for one machine: the cost table has a row per strategy, epochs and machine, never a
+    mean over a 2-core VM's two CPUs or over 1- and 3-epoch runs; its CSV is numbers."""
+    amd = {"cpu": "AMD EPYC (family 25, model 17)", "cores": 2, "bf16": ["avx512_bf16"], "gpu": None, "torch": "2"}
+    intel = {**amd, "cpu": "Intel Xeon (family 6, model 143)", "bf16": ["amx_bf16", "avx512_bf16"]}
+    timing = {"startup": 1.0, "features": 0.0, "train": 80.0, "validation": 5.0, "predict": 10.0, "other": 4.0}
+    for i, (where, epochs, wall) in enumerate([(amd, 1, 300.0), (amd, 1, 200.0), (intel, 1, 100.0), (amd, 3, 900.0)]):
+        d = tmp_path / "main" / f"adapter=lora,seed={i}"
+        d.mkdir(parents=True)
+        best = {"epoch": 1, "dev_avg": 0.5, "dev": {}, "train": {}}
+        res = {"status": "complete", "study": "main", "overrides": ["adapter=lora", f"seed={i}"], "seed": i}
+        res.update(best=best, history=[best], adapter={"name": "lora"}, epochs=epochs, machine=where)
+        res.update(wall_time_s=wall, step_time_ms=wall, timing={k: v * wall / 100 for k, v in timing.items()})
+        (d / "results.json").write_text(json.dumps(res))
+    d = tmp_path / "main" / "adapter=full,seed=1"  # from before runs recorded their machine
+    d.mkdir(parents=True)
+    best = {"epoch": 1, "dev_avg": 0.5, "dev": {}, "train": {}}
+    (d / "results.json").write_text(
+        json.dumps(
+            {"status": "complete", "study": "main", "overrides": ["adapter=full", "seed=1"], "seed": 1, "best": best}
+            | {"history": [best], "adapter": {"name": "full"}, "epochs": 1, "wall_time_s": 50.0, "train_time_s": 40.0}
+        )
+    )
+    text = build_report(tmp_path, tmp_path / "out").read_text()
+    with open(tmp_path / "out" / "cost.csv") as f:
+        rows = list(csv.DictReader(f))
+    got = [(r["strategy"], r["epochs"], r["machine"], r["runs"], r["wall s (mean)"]) for r in rows]
+    assert got == [
+        ("full", "1", "not recorded", "1", "50"),
+        ("lora", "1", "AMD EPYC (family 25, model 17), 2 cores", "2", "250"),
+        ("lora", "1", "Intel Xeon (family 6, model 143) AMX, 2 cores", "1", "100"),
+        ("lora", "3", "AMD EPYC (family 25, model 17), 2 cores", "1", "900"),
+    ]
+    amd_one = rows[1]
+    assert float(amd_one["train %"]) == pytest.approx(80) and float(amd_one["step ms (mean)"]) == pytest.approx(250)
+    assert float(rows[0]["train %"]) == pytest.approx(80) and rows[0]["predict %"] == ""
+    assert "The runs trained on 3 machines: compare times within one." in text
