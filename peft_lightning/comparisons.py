@@ -153,6 +153,50 @@ class StudyComparison:
         return (a - b).interval() if a and b else None
 
 
+def seedwise_scores(
+    groups: dict[tuple, list[dict]], split: str, folder: str = "predictions", n_boot: int = stats.N_BOOT
+) -> dict[str, dict[tuple, stats.Scores]]:
+    """task -> setting -> its main metric per seed, for a split whose rows are drawn per seed (the
+    train_eval sample comes from the seed's own training rows, so two seeds share few of them).
+
+    Each seed is scored on the rows its runs share across the settings (paired within the seed),
+    with bootstrap draws of its own: no row noise is shared between seeds, so the interval's row
+    part is the seeds' spread alone (`stats.t_interval`: the covariance of two seeds' replicates
+    is then zero in expectation). Tasks some seed lacks (or shares under 2 rows of) are left out.
+    """
+    loaded: dict[tuple, dict] = {}
+    for key, runs in groups.items():
+        for r in runs:
+            p = dev_predictions(r, split, folder)
+            if p:
+                loaded.setdefault(key, {}).setdefault(run_seed(r), p)
+    if not loaded:
+        return {}
+    seeds = sorted(set.intersection(*(set(s) for s in loaded.values())), key=str)
+    out: dict[str, dict[tuple, stats.Scores]] = {}
+    for task, metric in MAIN:
+        per_key: dict[tuple, dict] = {k: {"point": {}, "reps": {}} for k in loaded}
+        rows = []
+        for seed in seeds:
+            files = [loaded[k][seed].get(task) for k in loaded]
+            if any(f is None for f in files):
+                break
+            ids = sorted(set.intersection(*(set(f) for f in files)))
+            if len(ids) < 2:
+                break
+            label = np.array([files[0][i][1] for i in ids])
+            idx = stats.draws(len(ids), n_boot, seed=zlib.crc32(f"{task}/{split}/{seed}".encode()))
+            for k in loaded:
+                s = stats.Scores.of(metric, {seed: np.array([loaded[k][seed][task][i][0] for i in ids])}, label, idx)
+                per_key[k]["point"].update(s.point)
+                per_key[k]["reps"].update(s.reps)
+            rows.append(len(ids))
+        else:
+            if seeds:
+                out[task] = {k: stats.Scores(v["point"], v["reps"], min(rows)) for k, v in per_key.items()}
+    return out
+
+
 def reference_of(study: str, keys: list[str], key: tuple, rows: list[tuple] | None = None) -> tuple | None:
     """The row `key` is compared with: the same settings but the reference value of the study's key
     or, where no row has those (tuned: each strategy at its own lr), the one row with that value."""

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 from statsmodels.stats.multitest import multipletests
 
-from peft_lightning.comparisons import StudyComparison, reference_of
+from peft_lightning.comparisons import StudyComparison, reference_of, seedwise_scores
 from peft_lightning.runs import complete, overrides, strategy, varying_keys
-from peft_lightning.stats import Interval
+from peft_lightning.stats import Interval, Scores
 from peft_lightning.tasks import TASKS
 
 REPRODUCED, CONTRADICTED, EQUIVALENT, UNRESOLVED = "reproduced", "contradicted", "equivalent", "unresolved"
@@ -193,7 +193,9 @@ def findings(by_study: dict[str, list[dict]], margin: float = MARGIN) -> list[li
 
 def overfitting(by_study: dict[str, list[dict]]) -> tuple[str, str, list[Comparison]]:
     """LoRA's train - dev gap against full fine-tuning's, at the long runs' last epoch: train scored
-    in eval mode on the train_eval sample like dev (`predictions/last/`), rows of both drawn apart."""
+    in eval mode on the train_eval sample like dev (`predictions/last/`), rows of both drawn apart.
+    Each seed's train rows are its own sample (`seedwise_scores`), paired between the strategies of
+    that seed; dev rows are shared by all runs; both sides average the same tasks."""
     claim = "LoRA overfits less than full fine-tuning: its train - dev gap (dev avg) significantly smaller"
     runs = complete(by_study.get("epochs") or [])[0]
     groups: dict[tuple, list[dict]] = {}
@@ -202,8 +204,14 @@ def overfitting(by_study: dict[str, list[dict]]) -> tuple[str, str, list[Compari
     if ("lora",) not in groups or ("full",) not in groups:
         return claim, "epochs", []
     dev = StudyComparison(groups, folder="predictions/last")
-    train = StudyComparison(groups, split="train_eval", folder="predictions/last")
-    if not dev.tasks or not train.tasks:
+    # each seed's train_eval sample is its own (drawn from its training rows): scored per seed
+    train = seedwise_scores(groups, "train_eval", "predictions/last")
+    tasks = [t for t in dev.tasks if t in train]  # the same tasks on both sides of the gap
+    if not tasks:
         return claim, "epochs", []
-    gap = {k: train.scores(k, None) - dev.scores(k, None) for k in (("lora",), ("full",))}
+
+    def gap_of(key: tuple) -> Scores:
+        return Scores.average([train[t][key] for t in tasks]) - Scores.average([dev.scores(key, t) for t in tasks])
+
+    gap = {k: gap_of(k) for k in (("lora",), ("full",))}
     return claim, "epochs", [Comparison("gap LoRA - gap full", (gap[("lora",)] - gap[("full",)]).interval(), "-")]

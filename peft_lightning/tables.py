@@ -3,8 +3,8 @@
 `study_table`: rows are the sweep's varying overrides; runs that differ only in seed are averaged and
 shown as mean +- std; scores are each run's chosen epoch (by its selection split, or by dev under the
 study's protocol: `protocol`), the checkpoint it predicts with;
-a failed or unfinished job is a row that says so. `epochs_table`: one row per epoch mark of each
-long run. `multitask_table`: each task's score trained alone beside trained with the other two.
+a failed or unfinished job is a row that says so. `epochs_table`: one row per strategy and epoch mark of
+the long runs, mean +- std over seeds, with the train - dev gap. `multitask_table`: each task's score trained alone beside trained with the other two.
 """
 
 from __future__ import annotations
@@ -105,32 +105,46 @@ def bold_best(
 
 
 def epochs_table(runs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """One row per strategy and epoch mark: each score's mean ± std over the strategy's seeds, the
+    train - dev gap of the avg (per seed, then averaged), how many seeds reached the mark, and what
+    became of the runs that did not."""
     header = (
         ["strategy", "epoch"]
         + [f"{p} {t} {m}" for p in ("train", "dev") for t, m in METRICS if m != "spearman"]
-        + ["train avg", "dev avg", "status"]
+        + ["train avg", "dev avg", "train - dev avg", "seeds", "status"]
     )
-    rows = []
+    by_strategy: dict[str, list[dict]] = {}
     for r in runs:
-        name = strategy(r)
-        marks = ((r.get("config") or {}).get("budget") or {}).get("epoch_marks") or [
-            h["epoch"] for h in r.get("history", [])
-        ]
-        hist = {h["epoch"]: h for h in r.get("history", [])}
+        by_strategy.setdefault(strategy(r), []).append(r)
+    rows = []
+    for name, members in by_strategy.items():
+        marks = sorted(
+            {
+                m
+                for r in members
+                for m in ((r.get("config") or {}).get("budget") or {}).get("epoch_marks")
+                or [h["epoch"] for h in r.get("history", [])]
+            }
+        )
         for mark in marks:
-            h = hist.get(mark)
-            if h is None:
-                rows.append(
-                    [name, str(mark)]
-                    + [Num("-")] * (len(header) - 3)
-                    + [r.get("status", "?") + (": " + r["error"] if r.get("error") else "")]
-                )
-                continue
+            reached = [h for r in members for h in r.get("history", []) if h["epoch"] == mark]
+            missing = [r for r in members if not any(h["epoch"] == mark for h in r.get("history", []))]
             cells = [name, str(mark)]
             cells += [
-                fmt([score(h, part(h, p), t, m)]) for p in ("train", "dev") for t, m in METRICS if m != "spearman"
+                fmt([score(h, part(h, p), t, m) for h in reached])
+                for p in ("train", "dev")
+                for t, m in METRICS
+                if m != "spearman"
             ]
-            cells += [fmt([h.get(f"{part(h, 'train')}_avg")]), fmt([h.get("dev_avg")]), "ok"]
+            train_avg = [h.get(f"{part(h, 'train')}_avg") for h in reached]
+            dev_avg = [h.get("dev_avg") for h in reached]
+            gaps = [t - d for t, d in zip(train_avg, dev_avg) if t is not None and d is not None]
+            cells += [fmt(train_avg), fmt(dev_avg), fmt(gaps), Num(str(len(reached)), value=len(reached))]
+            problems = [
+                f"seed {r.get('seed', '?')}: {r.get('status', '?')}" + (": " + r["error"] if r.get("error") else "")
+                for r in missing
+            ]
+            cells.append("; ".join(problems) or "ok")
             rows.append(cells)
     return header, rows
 

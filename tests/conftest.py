@@ -20,6 +20,12 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on two cores: one thread a worker, and for the processes its tests start. torch's
+    # default (a thread per core in each worker) oversubscribes the cores, and then every op waits
+    # for a descheduled thread of its own pool: a tiny model's step took seconds, not milliseconds.
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PEFT_SHARED_DATA", ROOT.parent / "shared" / "data"))
@@ -313,7 +319,13 @@ def wandb_run(run_dir: Path) -> dict:
     return out
 
 
-TEXT_COLUMNS = {"adapter", "status", "strategy", "epoch", "machine"}  # settings, how a run ended, where; the rest numbers
+TEXT_COLUMNS = {
+    "adapter",
+    "status",
+    "strategy",
+    "epoch",
+    "machine",
+}  # settings, how a run ended, where; the rest numbers
 
 
 def assert_numeric_csvs(folder: Path) -> None:

@@ -53,6 +53,42 @@ def scores(a, b, c):
     return {"sst5": {"acc": a}, "qqp": {"acc": b, "f1": b - 0.1}, "stsb": {"pearson": c, "spearman": c}}
 
 
+def test_the_epochs_table_is_one_row_per_strategy_and_epoch_over_seeds(tmp_path):
+    from peft_lightning.runs import load_runs
+    from peft_lightning.tables import epochs_table
+
+    def hist(dev_sst5, epochs):
+        return [
+            {
+                "epoch": e,
+                "dev": scores(dev_sst5 + e / 100, 0.7, 0.5),
+                "train": scores(0.5 + e / 10, 0.8, 0.6),
+                "dev_avg": 0.5 + e / 100,
+                "train_avg": 0.6 + e / 10 + dev_sst5,
+            }
+            for e in epochs
+        ]
+
+    marks = {"budget": {"epoch_marks": [1, 2]}}
+    fake(
+        tmp_path, "epochs", ["adapter=full", "seed=1"], scores(0.4, 0.7, 0.5), history=hist(0.40, (1, 2)), config=marks
+    )
+    fake(
+        tmp_path, "epochs", ["adapter=full", "seed=2"], scores(0.4, 0.7, 0.5), history=hist(0.44, (1, 2)), config=marks
+    )
+    fake(tmp_path, "epochs", ["adapter=full", "seed=3"], {}, status="failed", history=hist(0.42, (1,)), config=marks)
+    for r in (p for p in tmp_path.rglob("results.json")):  # the seed, as results.json records it
+        res = json.loads(r.read_text())
+        r.write_text(json.dumps(res | {"seed": int(r.parent.name.split("=")[1])}))
+    header, rows = epochs_table(load_runs(tmp_path))
+    assert [(r[0], r[1]) for r in rows] == [("full", "1"), ("full", "2")]  # not a row per seed
+    col = {h: i for i, h in enumerate(header)}
+    one, two = rows
+    assert one[col["dev sst5 acc"]] == "0.4300 ± 0.0200" and one[col["seeds"]] == "3" and one[col["status"]] == "ok"
+    assert two[col["seeds"]] == "2" and two[col["status"]] == "seed 3: failed"
+    assert two[col["train - dev avg"]].values["mean"] == pytest.approx(0.6 + 0.2 + 0.42 - 0.52)  # per seed, averaged
+
+
 def test_report_tables(tmp_path, monkeypatch):
     import matplotlib
 

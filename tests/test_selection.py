@@ -12,7 +12,7 @@ from conftest import compose, make_data_dir, tiny_overrides
 from test_stats import task_preds
 
 from peft_lightning.data import MultiTaskDataModule
-from peft_lightning.findings import REPRODUCED, findings
+from peft_lightning.findings import REPRODUCED, findings, overfitting
 from peft_lightning.floor import write_floor
 from peft_lightning.report import build_report
 from peft_lightning.runs import load_runs
@@ -102,7 +102,9 @@ def write_last(root, name: str, seed: int, train_q: float, dev_q: float, n: int 
     for split, q in (("dev", dev_q), ("train_eval", train_q)):
         (d / "predictions" / "last").mkdir(parents=True, exist_ok=True)
         for task, (pred, label) in task_preds(q, seed + (split == "dev") * 50 + hash(name) % 97, n).items():
-            rows = ["id\tprediction\tlabel"] + [f"r{i}\t{p:g}\t{y:g}" for i, (p, y) in enumerate(zip(pred, label))]
+            # train_eval: each seed's own sample of its training rows (ids shared only within the seed)
+            ids = [f"s{seed}r{i}" if split == "train_eval" else f"r{i}" for i in range(len(pred))]
+            rows = ["id\tprediction\tlabel"] + [f"{i}\t{p:g}\t{y:g}" for i, p, y in zip(ids, pred, label)]
             (d / "predictions" / "last" / f"{task}-{split}.tsv").write_text("\n".join(rows) + "\n")
     best = {"epoch": 3, "dev_avg": dev_q, "train_avg": train_q, "dev": {}, "train": {}}
     res = {"status": "complete", "study": "epochs", "overrides": [f"adapter={name}", f"seed={seed}"], "seed": seed}
@@ -117,6 +119,10 @@ def test_the_train_dev_gap_is_measured_like_dev_and_gets_an_interval(tmp_path):
     by_study = {"epochs": load_runs(tmp_path)}
     row = next(r for r in findings(by_study) if r[1] == "epochs")
     assert row[2] == REPRODUCED and row[3].startswith("gap LoRA - gap full: -") and "(n=3)" in row[3]
+    # every seed's whole train_eval sample counts, though no two seeds share a train row
+    (comparison,) = overfitting(by_study)[2]
+    assert comparison.interval.rows == 3 * 600  # three tasks, 600 rows each, per seed
+    assert -0.3 < comparison.interval.low < comparison.interval.value < comparison.interval.high < -0.1
 
 
 def test_the_floor_is_a_run_the_report_scores_every_row_against(tmp_path):
