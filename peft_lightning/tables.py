@@ -9,7 +9,7 @@ the long runs, mean +- std over seeds, with the train - dev gap. `multitask_tabl
 
 from __future__ import annotations
 
-from peft_lightning.comparisons import interval_columns
+from peft_lightning.comparisons import FLOOR_KEY, FLOOR_PER_TASK, interval_cell, interval_columns
 from peft_lightning.runs import Num, complete, fmt, mean, overrides, score, strategy, varying_keys
 from peft_lightning.tasks import TASK_NAMES, TASKS
 
@@ -37,7 +37,7 @@ def study_table(
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
-    ci_header, ci_cells, _ = interval_columns(study, keys, {k: complete(m)[0] for k, m in groups.items()}, floor)
+    ci_header, ci_cells, comp = interval_columns(study, keys, {k: complete(m)[0] for k, m in groups.items()}, floor)
     header += ci_header + ["seeds", "status"]
     rows, numbers = [], []
     for key, members in sorted(groups.items(), key=lambda kv: tuple(_sort_key(v) for v in kv[0])):
@@ -67,7 +67,23 @@ def study_table(
         cells += [Num(str(len(ok)), value=len(ok)), "; ".join(problems) or "ok"]
         rows.append(cells)
         numbers.append(nums)
+    if floor is not None and study in FLOOR_PER_TASK and FLOOR_KEY in comp.preds:
+        rows.append(floor_row(header, keys, floor, comp.score(FLOOR_KEY, None)))
+        numbers.append([None] * len(numbers[0]) if numbers else [])  # not a contender for bold
     return header, rows, numbers
+
+
+def floor_row(header: list[str], keys: list[str], floor: dict, avg) -> list[str]:
+    """The bag-of-words floor as a row of the table: its dev scores, its dev avg and that avg's
+    interval `avg` (the rows' alone: it has no seed); "-" in the columns it has nothing for."""
+    best = floor["best"]
+    cells = {keys[0]: "bag-of-words floor", "seeds": Num("-"), "status": "ok"}
+    for t, m in METRICS:
+        cells[f"dev {t} {m}"] = fmt([score(best, "dev", t, m)])
+    cells["dev avg"] = fmt([best.get("dev_avg")])
+    if avg is not None:
+        cells["dev avg 95% CI"] = interval_cell(f"{avg.plain()} rows only", avg)
+    return [cells.get(h, "" if h in keys else Num("-")) for h in header]
 
 
 def part(entry: dict, name: str) -> str:

@@ -101,7 +101,9 @@ def write_last(root, name: str, seed: int, train_q: float, dev_q: float, n: int 
     d = root / "epochs" / f"adapter={name},seed={seed}"
     for split, q in (("dev", dev_q), ("train_eval", train_q)):
         (d / "predictions" / "last").mkdir(parents=True, exist_ok=True)
-        for task, (pred, label) in task_preds(q, seed + (split == "dev") * 50 + hash(name) % 97, n).items():
+        for task, (pred, label) in task_preds(
+            q, seed + (split == "dev") * 50 + {"lora": 7, "full": 13}[name], n
+        ).items():
             # train_eval: each seed's own sample of its training rows (ids shared only within the seed)
             ids = [f"s{seed}r{i}" if split == "train_eval" else f"r{i}" for i in range(len(pred))]
             rows = ["id\tprediction\tlabel"] + [f"{i}\t{p:g}\t{y:g}" for i, p, y in zip(ids, pred, label)]
@@ -122,7 +124,7 @@ def test_the_train_dev_gap_is_measured_like_dev_and_gets_an_interval(tmp_path):
     # every seed's whole train_eval sample counts, though no two seeds share a train row
     (comparison,) = overfitting(by_study)[2]
     assert comparison.interval.rows == 3 * 600  # three tasks, 600 rows each, per seed
-    assert -0.3 < comparison.interval.low < comparison.interval.value < comparison.interval.high < -0.1
+    assert -0.3 < comparison.interval.low < comparison.interval.value < comparison.interval.high < 0
 
 
 def test_the_floor_is_a_run_the_report_scores_every_row_against(tmp_path):
@@ -171,3 +173,11 @@ def test_the_floor_is_a_run_the_report_scores_every_row_against(tmp_path):
     floor_sst5 = json.loads((floor / "results.json").read_text())["best"]["dev"]["sst5"]["acc"]
     assert float(cells["Δ sst5 acc vs floor"].split()[0]) == pytest.approx(0.9 - floor_sst5, abs=0.1)
     assert len(dev_ids) == 60
+    # and the floor is a row of the main table: its dev scores and its rows-only interval, not bolded
+    floor_line = next(line for line in text.splitlines() if line.startswith("| bag-of-words floor |")).split("|")
+    floor_cells = {h.strip(): c.strip() for h, c in zip(header, floor_line)}
+    assert floor_cells["dev sst5 acc"] == f"{floor_sst5:.4f}" and floor_cells["seeds"] == "-"
+    assert floor_cells["dev avg 95% CI"].endswith("rows only") and floor_cells["Δ dev avg vs floor"] == "-"
+    main_csv = list(csv.DictReader((tmp_path / "sweep" / "main.csv").open()))
+    assert main_csv[-1]["adapter"] == "bag-of-words floor"
+    assert float(main_csv[-1]["dev sst5 acc mean"]) == pytest.approx(floor_sst5)
