@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 from pathlib import Path
 
 from peft_lightning import search
@@ -298,8 +299,10 @@ COST_PARTS = ("startup", "features", "train", "validation", "predict")
 
 def cost_section(runs: list[dict], out: Path) -> list[str]:
     """Where the time went, per strategy, epochs and machine (`results.machine`: times hold for one
-    machine): each complete run trained once (a shared copy is counted in its source), its mean wall
-    time and step, and the share of each part (`results.Clock`)."""
+    machine): each complete run trained once (a shared copy is counted in its source), the median
+    wall time with the lowest and highest (a run that shared the machine with other work shows as
+    the highest, without moving the median), the median step, and the share of each part
+    (`results.Clock`) over the group's runs."""
     trained = [r for r in runs if r.get("status") == "complete" and not r.get("shared_from") and r.get("wall_time_s")]
     if not trained:
         return []
@@ -307,15 +310,17 @@ def cost_section(runs: list[dict], out: Path) -> list[str]:
     for r in trained:
         key = ((r.get("adapter") or {}).get("name", "?"), r.get("epochs") or 0, machine_label(r))
         groups.setdefault(key, []).append(r)
-    header = ["strategy", "epochs", "machine", "runs", "wall s (mean)", "step ms (mean)"]
+    header = ["strategy", "epochs", "machine", "runs", "wall s (median) [lowest, highest]", "step ms (median)"]
     header += [*(f"{p} %" for p in COST_PARTS), "other %"]
     rows = []
     for (name, epochs, where), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
         wall = sum(r["wall_time_s"] for r in rs)
         steps = [r["step_time_ms"] for r in rs if isinstance(r.get("step_time_ms"), (int, float))]
         cells = [name, Num(str(epochs or "-"), value=epochs or None), where, Num(str(len(rs)), value=len(rs))]
-        cells.append(Num(f"{wall / len(rs):.1f}", value=wall / len(rs)))
-        cells.append(Num(f"{sum(steps) / len(steps):.0f}", value=sum(steps) / len(steps)) if steps else Num("-"))
+        walls = [r["wall_time_s"] for r in rs]
+        mid, low, high = statistics.median(walls), min(walls), max(walls)
+        cells.append(Num(f"{mid:.1f} [{low:.0f}, {high:.0f}]", median=mid, lowest=low, highest=high))
+        cells.append(Num(f"{statistics.median(steps):.0f}", value=statistics.median(steps)) if steps else Num("-"))
         timed = [r for r in rs if r.get("timing")]
         if timed:
             total = sum(r["wall_time_s"] for r in timed)
