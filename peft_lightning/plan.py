@@ -27,6 +27,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from peft_lightning.config import ConfigError, compose
+from peft_lightning.results import machine, machine_label
 from peft_lightning.sharing import complete_runs, covers, find_shared
 
 
@@ -129,13 +130,23 @@ class Cost:
     per_epoch: float
     once: float
     runs: int
+    this_machine: bool = True  # measured on the machine that plans (else on others: a rougher price)
 
 
 class Costs:
-    """Per strategy, the median measured cost of the complete runs under some folders."""
+    """Per strategy, the median measured cost of the complete runs under some folders: of those that
+    trained on this machine (`results.machine_label`) where there are any, else of all of them. A
+    2-core VM may land on another CPU from one sitting to the next, and one CPU's runs took 25-35%
+    longer than the other's: a median over both priced the later sitting's jobs too low.
 
-    def __init__(self, roots: list[Path]):
-        samples: dict[str, list[tuple[float, float]]] = {}
+    Args:
+        roots: folders searched for complete runs.
+        here: the machine's label (default: this process's, `results.machine`).
+    """
+
+    def __init__(self, roots: list[Path], here: str | None = None):
+        here = machine_label({"machine": machine()}) if here is None else here
+        samples: dict[str, dict[bool, list[tuple[float, float]]]] = {}
         for root in roots:
             for _, res in complete_runs(root):
                 epochs = len(res.get("history") or []) or 1
@@ -151,11 +162,13 @@ class Costs:
                     once = max(0.0, wall - per_epoch * epochs)
                 else:  # an older results.json: all of its time scales with epochs but a start-up share
                     per_epoch, once = wall / epochs, 0.0
-                samples.setdefault(name, []).append((per_epoch, once))
-        self.costs = {
-            name: Cost(statistics.median(p for p, _ in s), statistics.median(o for _, o in s), len(s))
-            for name, s in samples.items()
-        }
+                by_machine = samples.setdefault(name, {True: [], False: []})
+                by_machine[machine_label(res) == here].append((per_epoch, once))
+        self.costs = {}
+        for name, by_machine in samples.items():
+            s = by_machine[True] or by_machine[False]
+            per_epoch, once = statistics.median(p for p, _ in s), statistics.median(o for _, o in s)
+            self.costs[name] = Cost(per_epoch, once, len(s), this_machine=bool(by_machine[True]))
 
     def estimate(self, job: Job) -> float | None:
         cost = self.costs.get(job.adapter)
@@ -195,7 +208,8 @@ def describe(jobs: list[Job], costs: Costs, extra: list[str] | None = None) -> s
         lines.append(
             "  measured: "
             + ", ".join(
-                f"{n} {fmt_s(c.per_epoch)}/epoch + {fmt_s(c.once)} ({c.runs} runs)"
+                f"{n} {fmt_s(c.per_epoch)}/epoch + {fmt_s(c.once)}"
+                + f" ({c.runs} runs{'' if c.this_machine else ' on other machines than this one'})"
                 for n, c in sorted(costs.costs.items())
             )
         )

@@ -10,6 +10,7 @@ from conftest import compose, tiny_overrides
 from peft_lightning import load_run
 from peft_lightning.plan import Costs, Job, describe, share_within
 from peft_lightning.report import build_report
+from peft_lightning.results import machine_label
 from peft_lightning.sharing import covers, training_identity
 from peft_lightning.train import train
 
@@ -124,6 +125,25 @@ def test_the_estimate_scales_the_measured_cost_of_a_strategy_with_epochs(tmp_pat
     est = costs.estimate(Job("main", [], tmp_path / "x", "lora", epochs))
     assert est == pytest.approx(9.0 + 12.0 * epochs)  # 24 s over 2 epochs, 9 s once
     assert costs.estimate(Job("main", [], tmp_path / "x", "full", epochs)) is None
+
+
+def test_the_estimate_prices_jobs_from_this_machines_runs_where_it_has_any(tmp_path):
+    """A VM that landed on a slower CPU: the plan prices from the runs measured on this machine,
+    and says when it has only other machines' runs to go by."""
+    intel = {"cpu": "Intel Xeon (family 6, model 143)", "cores": 2, "bf16": ["amx_bf16"], "gpu": None}
+    amd = {"cpu": "AMD EPYC (family 25, model 17)", "cores": 2, "bf16": ["avx512_bf16"], "gpu": None}
+    for i, (where, wall) in enumerate([(intel, 200.0), (intel, 210.0), (intel, 220.0), (amd, 300.0)]):
+        run = tmp_path / "runs" / f"r{i}"
+        run.mkdir(parents=True)
+        res = {"status": "complete", "adapter": {"name": "lora"}, "history": [{}], "wall_time_s": wall}
+        res |= {"timing": {"train": wall - 10, "validation": 0.0}, "config": {}, "machine": where}
+        (run / "results.json").write_text(json.dumps(res))
+    job = Job("main", [], tmp_path / "x", "lora", 1)
+    assert Costs([tmp_path / "runs"], here=machine_label({"machine": amd})).estimate(job) == pytest.approx(300.0)
+    assert Costs([tmp_path / "runs"], here=machine_label({"machine": intel})).estimate(job) == pytest.approx(210.0)
+    elsewhere = Costs([tmp_path / "runs"], here="a GPU")
+    assert elsewhere.estimate(job) == pytest.approx(215.0)  # every run's median, said to be others'
+    assert "lora 3m25s/epoch + 0m10s (4 runs on other machines than this one)" in describe([job], elsewhere)
 
 
 def test_an_unknown_budget_stops_reproduce_and_tune_at_once(capsys):
