@@ -76,6 +76,17 @@ def run_seed(run: dict):
         return seed
 
 
+def load_by_seed(groups: dict[tuple, list[dict]], split: str, folder: str) -> dict[tuple, dict]:
+    """setting -> seed -> the run's `dev_predictions` of `split` (a repeated seed: the first run)."""
+    loaded: dict[tuple, dict] = {}
+    for key, runs in groups.items():
+        for r in runs:
+            p = dev_predictions(r, split, folder)
+            if p:
+                loaded.setdefault(key, {}).setdefault(run_seed(r), p)
+    return loaded
+
+
 class StudyComparison:
     """The settings of one study on the rows every one of its runs predicted, with one set of
     bootstrap draws per task; each setting's runs keyed by seed (see `stats`).
@@ -96,12 +107,7 @@ class StudyComparison:
         self.labels: dict[str, np.ndarray] = {}
         self.idx: dict[str, np.ndarray] = {}
         self.preds: dict[tuple, dict[str, dict]] = {}  # key -> task -> seed -> (n,) predictions
-        loaded: dict[tuple, dict] = {}
-        for key, runs in groups.items():
-            for r in runs:
-                p = dev_predictions(r, split, folder)
-                if p:
-                    loaded.setdefault(key, {}).setdefault(run_seed(r), p)  # a repeated seed: the first run
+        loaded = load_by_seed(groups, split, folder)
         for task, _ in MAIN:
             if not loaded or any(task not in p for seeds in loaded.values() for p in seeds.values()):
                 continue
@@ -164,12 +170,7 @@ def seedwise_scores(
     part is the seeds' spread alone (`stats.t_interval`: the covariance of two seeds' replicates
     is then zero in expectation). Tasks some seed lacks (or shares under 2 rows of) are left out.
     """
-    loaded: dict[tuple, dict] = {}
-    for key, runs in groups.items():
-        for r in runs:
-            p = dev_predictions(r, split, folder)
-            if p:
-                loaded.setdefault(key, {}).setdefault(run_seed(r), p)
+    loaded = load_by_seed(groups, split, folder)
     if not loaded:
         return {}
     seeds = sorted(set.intersection(*(set(s) for s in loaded.values())), key=str)
