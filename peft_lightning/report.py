@@ -236,15 +236,20 @@ def build_report(
         "(`docs/studies.md`, Statistics). Seeds are paired by seed value; n is the number of seeds an "
         "interval rests on. `*` marks a difference whose interval excludes 0.",
         "",
-        "## Findings of the study, checked",
-        "",
-        f"Verdicts: reproduced, contradicted, equivalent (within ±{margin:g}: two one-sided tests at 0.05) "
-        "or unresolved; each claim's comparisons are tested with Holm's adjustment (one-sided at 0.025 for "
-        "a direction).",
-        "",
-        markdown(["claim", "study", "verdict", "evidence (difference [95% CI], seeds n)"], findings(by_study, margin)),
-        "",
     ]
+    if any(s in by_study for s in PAPER_STUDIES):  # a search's or another study's report has no claim to check
+        lines += [
+            "## Findings of the study, checked",
+            "",
+            f"Verdicts: reproduced, contradicted, equivalent (within ±{margin:g}: two one-sided tests at "
+            "0.05) or unresolved; each claim's comparisons are tested with Holm's adjustment (one-sided at "
+            "0.025 for a direction).",
+            "",
+            markdown(
+                ["claim", "study", "verdict", "evidence (difference [95% CI], seeds n)"], findings(by_study, margin)
+            ),
+            "",
+        ]
     if floor is not None:
         fb = floor["best"]
         lines += [

@@ -227,6 +227,12 @@ def _train(cfg: DictConfig, run_dir: Path, t0: float, callbacks: list) -> dict:
         tcfg["strategy"] = JobDDPStrategy(find_unused_parameters=cfg.data.schedule != "joint")
     tcfg.setdefault("use_distributed_sampler", False)  # the data module deals batches to ranks itself
     tcfg["log_every_n_steps"] = log_interval(tcfg.get("log_every_n_steps", 50), dm, cfg.trainer.max_epochs)
+    if dm.epoch_parts > 1:
+        # A pass that the parts do not divide gives parts a step apart. Lightning validates when
+        # (batch + 1) % the length it took at the loader's last build == 0, so a part shorter than the
+        # one it measured would end unvalidated (and unseen by Optuna's pruner): it builds the loader,
+        # and takes its length, every epoch (the data module sets the epoch's part first).
+        tcfg["reload_dataloaders_every_n_epochs"] = 1
     if ckpt:
         log.info("resuming from %s", ckpt)
     with ExitStack() as stack:

@@ -133,6 +133,7 @@ def test_report_tables(tmp_path, monkeypatch):
     ia3 = next(line for line in text.split("## PEFT methods")[1].splitlines() if line.startswith("| ia3"))
     assert "| 100 | 150 | 12.5 | 900.0 |" in ia3  # the cost columns, as in the main table
     assert "## Main comparison (dev)" in text and "## LoRA rank: train and dev" in text and "## Epoch budgets" in text
+    assert "## Findings of the study, checked" in text and "| a higher LoRA rank helps SST-5" in text
     main_rows = [
         line
         for line in text.split("## Main comparison")[1].split("\n## ")[0].splitlines()
@@ -197,6 +198,7 @@ def test_multitask_table_pairs_each_task_alone_with_the_joint_run(tmp_path):
     fake(root, "multitask_vs_single", ["adapter=full", "data.tasks=[sst5,qqp,stsb]"], scores(0.5, 0.8, 0.7),
          tasks=["sst5", "qqp", "stsb"], seed=1)  # fmt: skip
     text = build_report(root, tmp_path / "out").read_text()
+    assert "## Findings of the study" not in text  # none of the paper's five studies ran: no claim to check
     section = text.split("## Multi-task vs single-task training (dev)")[1]
 
     def cells(prefix: str) -> list[str]:

@@ -100,6 +100,25 @@ def test_budget_cpu_trials_cut_their_pass_into_four_validated_parts(tmp_path):
         search.pruner("median", 0)
 
 
+def test_every_part_of_a_pass_is_validated_when_the_parts_differ_in_length(tiny_model_dir, tmp_path):
+    """A pass of 7 steps in 3 Lightning epochs: parts of 3, 2 and 2 steps, each one validated and in
+    the record (Lightning checks for validation by the length it measured when it built the loader:
+    a part shorter than the first would end unvalidated, and the pruner would see one score a pass)."""
+    from conftest import tiny_overrides
+
+    from peft_lightning.config import compose as compose_run
+    from peft_lightning.train import train
+
+    data = make_data_dir(tmp_path / "data", n_train=64)  # 56 rows trained on, batch 8: 7 steps a pass
+    extra = ("adapter=lora", "adapter.rank=2", "data.selection=8", "data.limit_train=56", "data.batch_size=8")
+    extra += ("data.epoch_parts=3", "trainer.max_epochs=6", "data.train_eval=0", "predict=false")
+    res = train(compose_run(tiny_overrides(tiny_model_dir, data, tmp_path / "run", *extra)))
+    assert res["status"] == "complete" and res["steps"] == 14  # two passes
+    assert [h["epoch"] for h in res["history"]] == [1, 2, 3, 4, 5, 6]
+    assert [h["step"] for h in res["history"]] == [3, 5, 7, 10, 12, 14]
+    assert all(h["select_avg"] is not None for h in res["history"])
+
+
 @pytest.mark.slow
 def test_a_search_killed_9_resumes_prunes_losing_trials_and_retrains_the_best(tiny_model_dir, tmp_path, capsys):
     """6 trials of one pass cut into three validated parts, half of the range training nothing: kill
@@ -109,14 +128,15 @@ def test_a_search_killed_9_resumes_prunes_losing_trials_and_retrains_the_best(ti
 
     from peft_lightning.tune import main
 
-    data = make_data_dir(tmp_path / "data", n_train=432)  # 408 rows trained on: 102 steps a pass, 34 a part
+    # 400 rows trained on: 100 steps a pass, parts of 34, 33 and 33 (a pass the parts do not divide)
+    data = make_data_dir(tmp_path / "data", n_train=432)
     args = tune_args(
         tiny_model_dir,
         data,
         tmp_path,
         "tune.trials=6",
         "tune.sampler_seed=0",
-        "data.limit_train=408",
+        "data.limit_train=400",
         "trainer.max_epochs=1",
         "tune.epoch_parts=3",
     )
@@ -165,14 +185,14 @@ def test_a_search_killed_9_resumes_prunes_losing_trials_and_retrains_the_best(ti
         assert res["status"] == "complete" and res["seed"] == 2  # one past budget.seeds: not a final run's seed
         assert res["best"]["select_avg"] == pytest.approx(t.value) and "test" not in json.dumps(res.get("predictions"))
         assert res["config"]["data"]["epoch_parts"] == 3 and len(res["history"]) == 3  # one pass, three parts
-        assert [h["step"] for h in res["history"]] == [34, 68, 102] and "train_eval" not in res["history"][0]
+        assert [h["step"] for h in res["history"]] == [34, 67, 100] and "train_eval" not in res["history"][0]
     # the chosen configuration is the best complete trial's, retrained over the budget's seeds
     chosen = json.loads((root / "tuned" / "tuned_optuna.json").read_text())["strategies"]["frozen"]
     assert chosen["best"]["trial"] == best.number and chosen["overrides"] == [f"optim.head_lr={best.params['lr']:.3g}"]
     final = [json.loads(p.read_text()) for p in (root / "tuned").rglob("results.json")]
     assert len(final) == 1 and final[0]["seed"] == 1 and final[0]["status"] == "complete"
     assert final[0]["lr"]["head_lr"] == float(f"{best.params['lr']:.3g}")
-    assert final[0]["config"]["data"]["epoch_parts"] == 1 and final[0]["history"][-1]["step"] == 102  # one whole pass
+    assert final[0]["config"]["data"]["epoch_parts"] == 1 and final[0]["history"][-1]["step"] == 100  # one whole pass
     assert f"frozen: trial {best.number} " in out and f"{len(pruned)} pruned, 1 failed of 7 trials" in out
     # the report's search section: the best configuration, the pruned count, every trial as numbers
     report = (root / "report" / "report.md").read_text()

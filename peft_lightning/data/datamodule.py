@@ -232,6 +232,10 @@ class MultiTaskDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         train = {t: self.splits[(t, "train")] for t in self.task_names}
         self.sampler.shard(*self.shard())
+        if self.epoch_parts > 1 and self.trainer is not None:
+            # Parts a step apart: the trainer builds this loader every epoch (train.py) and takes the
+            # epoch's length from it before it sets the sampler's epoch, so the length is set here.
+            self.sampler.set_epoch(self.trainer.current_epoch)
         return DataLoader(
             StepDataset(train, self.pad_id, self.multiple),
             batch_size=None,
