@@ -83,7 +83,9 @@ def plot_study(path: Path, study: str, runs: list[dict], heading: str, floor: di
                 ys.append(y)
                 low.append(y - iv.low if iv else 0.0)
                 high.append(iv.high - y if iv else 0.0)
-            label = ", ".join(f"{k}={v}" for k, v in zip([k for k in keys if not (numeric and k == xkey)], rest))
+            # a setting a row does not have (full's optim.adapter_lr beside LoRA's) is left out, not "key="
+            shown = [k for k in keys if not (numeric and k == xkey)]
+            label = ", ".join(f"{k}={v}" for k, v in zip(shown, rest) if v != "")
             color = f"C{i}"
             if comp.tasks:
                 ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=3, color=color, label=label or "dev")
@@ -108,7 +110,8 @@ def plot_study(path: Path, study: str, runs: list[dict], heading: str, floor: di
             ax.set_xlabel(xkey)
         else:
             ordered = sorted(groups, key=_order)
-            ax.set_xticks(range(len(ordered)), [",".join(k) for k in ordered], rotation=30, ha="right", fontsize=8)
+            names = [",".join(v for v in k if v != "") for k in ordered]
+            ax.set_xticks(range(len(ordered)), names, rotation=30, ha="right", fontsize=8)
             ax.set_xlim(-0.5, len(ordered) - 0.5)
     handles, labels = axes[-1].get_legend_handles_labels()  # below the panels: never over a point
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=7, frameon=False)
@@ -197,6 +200,8 @@ def plot_search(path: Path, searches: list[dict], importances: dict[str, dict[st
     if not searches:
         return False
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     with_imp = [s["strategy"] for s in searches if importances.get(s["strategy"])]
     cols = len(searches) + len(with_imp)
     fig, axes = plt.subplots(1, cols, figsize=(4.2 * cols, 3.6), squeeze=False)
@@ -212,7 +217,8 @@ def plot_search(path: Path, searches: list[dict], importances: dict[str, dict[st
                 ax.plot(*zip(*pts), marker, label=f"{state} ({len(pts)})")
         ax.set_title(f"{s['strategy']}: trials")
         ax.set_xlabel("trial")
-        ax.set_ylabel("select avg")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # trial numbers: 0, 1, 2, not 0.5
+        ax.set_ylabel("select avg (pruned: its last)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax, name in zip(axes[0][len(searches) :], with_imp):

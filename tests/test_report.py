@@ -298,3 +298,39 @@ def test_the_cost_table_keeps_machines_and_epoch_counts_apart(tmp_path):
     assert float(amd_one["train %"]) == pytest.approx(80) and float(amd_one["step ms (median)"]) == pytest.approx(300)
     assert float(rows[0]["train %"]) == pytest.approx(80) and rows[0]["predict %"] == ""
     assert "The runs trained on 3 machines: compare times within one." in text
+
+
+def test_figures_name_each_rows_own_settings_and_number_trials_whole(tmp_path, monkeypatch):
+    """An Optuna search of full (optim.lr) and LoRA (optim.adapter_lr): each tick and legend entry
+    names the row's own settings, never an empty `optim.adapter_lr=`; the search figure's trial
+    axis is whole numbers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from peft_lightning.figures import plot_search
+
+    close = plt.close
+    close("all")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    root = tmp_path / "mr"
+    fake(root, "tune_optuna", ["adapter=full", "optim.lr=3.54e-05", "seed=6"], scores(0.45, 0.82, 0.86))
+    fake(root, "tune_optuna", ["adapter=lora", "optim.adapter_lr=0.000647", "seed=6"], scores(0.44, 0.80, 0.87))
+    build_report(root, tmp_path / "out")
+    (fig,) = [plt.figure(n) for n in plt.get_fignums()]
+    ticks = [t.get_text() for t in fig.get_axes()[0].get_xticklabels()]
+    assert ticks == ["full,3.54e-05", "lora,0.000647"]
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [
+        "adapter=full, optim.lr=3.54e-05",
+        "adapter=lora, optim.adapter_lr=0.000647",
+    ]
+    close("all")
+    trials = [{"trial": i, "state": "pruned", "score": None, "last": 0.6 + i / 100} for i in range(1, 4)]
+    search = {"strategy": "lora", "scores": [{"trial": 0, "state": "complete", "score": 0.7}, *trials]}
+    assert plot_search(tmp_path / "search.png", [search], {})
+    (fig,) = [plt.figure(n) for n in plt.get_fignums()]
+    ax = fig.get_axes()[0]
+    assert all(float(t).is_integer() for t in ax.get_xticks()) and ax.get_title() == "lora: trials"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["complete (1)", "pruned (3)"]
+    close("all")
