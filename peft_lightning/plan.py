@@ -27,7 +27,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from peft_lightning.config import ConfigError, compose
-from peft_lightning.results import machine, machine_label
+from peft_lightning.results import machine, machine_label, strategy_kind
 from peft_lightning.sharing import complete_runs, covers, find_shared
 
 
@@ -53,6 +53,11 @@ class Job:
     @property
     def name(self) -> str:
         return f"{self.study}/{self.run_dir.name}"
+
+    @property
+    def kind(self) -> str:
+        """What prices the job: its strategy, and its multi-task aggregator when it has one."""
+        return strategy_kind(self.adapter, (self.config.get("mtl") or {}).get("name"))
 
 
 def job_overrides(study: str, budget: str, rest: list[str]) -> list[list[str]]:
@@ -154,6 +159,7 @@ class Costs:
                 name = (res.get("adapter") or {}).get("name")
                 if not wall or not name:
                     continue
+                name = strategy_kind(name, (res.get("mtl") or {}).get("name"))
                 timing = res.get("timing") or {}
                 if timing:
                     per_epoch = (
@@ -171,7 +177,16 @@ class Costs:
             self.costs[name] = Cost(per_epoch, once, len(s), this_machine=bool(by_machine[True]))
 
     def estimate(self, job: Job) -> float | None:
-        cost = self.costs.get(job.adapter)
+        """The job's measured cost scaled to its epochs; an aggregator never measured with its strategy
+        is priced by the strategy's other aggregators (their steps cost about the same), never by its
+        summed-loss runs. None when nothing of its kind was measured."""
+        cost = self.costs.get(job.kind)
+        if cost is None and job.kind != job.adapter:
+            others = [c for k, c in self.costs.items() if k.startswith(f"{job.adapter}+")]
+            if others:
+                cost = Cost(
+                    statistics.median(c.per_epoch for c in others), statistics.median(c.once for c in others), 0
+                )
         if cost is None:
             return None
         return cost.once + cost.per_epoch * job.epochs

@@ -19,7 +19,7 @@ from peft_lightning.dashboards import replay_runs
 from peft_lightning.figures import plot_epochs, plot_search, plot_study
 from peft_lightning.findings import MARGIN, findings
 from peft_lightning.floor import FLOOR_DIR, write_floor
-from peft_lightning.results import RESULTS, machine_label
+from peft_lightning.results import RESULTS, machine_label, strategy_kind
 from peft_lightning.runs import Num, load_runs, varying_keys
 from peft_lightning.tables import bold_best, epochs_table, multitask_table, protocol, study_table
 from peft_lightning.tasks import TASKS
@@ -303,8 +303,8 @@ COST_PARTS = ("startup", "features", "train", "validation", "predict")
 
 
 def cost_section(runs: list[dict], out: Path) -> list[str]:
-    """Where the time went, per strategy, epochs and machine (`results.machine`: times hold for one
-    machine): each complete run trained once (a shared copy is counted in its source), the median
+    """Where the time went, per strategy (with its multi-task aggregator, `results.strategy_kind`),
+    epochs and machine (`results.machine`: times hold for one machine): each complete run trained once (a shared copy is counted in its source), the median
     wall time with the lowest and highest (a run that shared the machine with other work shows as
     the highest, without moving the median), the median step, and the share of each part
     (`results.Clock`) over the group's runs."""
@@ -313,7 +313,8 @@ def cost_section(runs: list[dict], out: Path) -> list[str]:
         return []
     groups: dict[tuple, list[dict]] = {}
     for r in trained:
-        key = ((r.get("adapter") or {}).get("name", "?"), r.get("epochs") or 0, machine_label(r))
+        name = strategy_kind((r.get("adapter") or {}).get("name", "?"), (r.get("mtl") or {}).get("name"))
+        key = (name, r.get("epochs") or 0, machine_label(r))
         groups.setdefault(key, []).append(r)
     header = ["strategy", "epochs", "machine", "runs", "wall s (median) [lowest, highest]", "step ms (median)"]
     header += [*(f"{p} %" for p in COST_PARTS), "other %"]

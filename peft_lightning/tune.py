@@ -51,7 +51,7 @@ from peft_lightning.plan import (
     tuned_jobs,
 )
 from peft_lightning.reproduce import report_and_exit
-from peft_lightning.results import selection_score
+from peft_lightning.results import selection_score, strategy_kind
 from peft_lightning.runs import load_runs
 
 
@@ -177,7 +177,8 @@ def optuna_main(cfg, budget: str, rest: list[str], plan_only: bool | None) -> No
     root = Path(str(cfg.sweep_root))
     costs = Costs([root])
     epochs = int(cfg.trainer.max_epochs)
-    per_run = {n: costs.costs[n].once + costs.costs[n].per_epoch * epochs for n in strategies if n in costs.costs}
+    kinds = {n: strategy_kind(n, cfg.get("mtl", {}).get("name")) for n in strategies}
+    per_run = {n: costs.costs[k].once + costs.costs[k].per_epoch * epochs for n, k in kinds.items() if k in costs.costs}
     print(
         f"plan: optuna, {len(strategies)} strategies x {trials} trials (seed {search.search_seed(cfg)}, "
         f"pruner {cfg.tune.pruner}, {workers} worker(s)) -> {root / search.STUDY}, then each best over seeds {seeds}; "

@@ -259,17 +259,20 @@ def test_a_results_json_that_cannot_be_used_is_a_named_failed_row_and_the_report
 
 def test_the_cost_table_keeps_machines_and_epoch_counts_apart(tmp_path):
     """Times hold for one machine: the cost table has a row per strategy, epochs and machine, never a
-    mean over a 2-core VM's two CPUs or over 1- and 3-epoch runs; its CSV is numbers."""
+    mean over a 2-core VM's two CPUs or over 1- and 3-epoch runs, and runs under a multi-task
+    aggregator (three backward passes a step) apart from the summed loss's; its CSV is numbers."""
     amd = {"cpu": "AMD EPYC (family 25, model 17)", "cores": 2, "bf16": ["avx512_bf16"], "gpu": None, "torch": "2"}
     intel = {**amd, "cpu": "Intel Xeon (family 6, model 143)", "bf16": ["amx_bf16", "avx512_bf16"]}
     timing = {"startup": 1.0, "features": 0.0, "train": 80.0, "validation": 5.0, "predict": 10.0, "other": 4.0}
-    runs = [(amd, 1, 300.0), (amd, 1, 200.0), (amd, 1, 2000.0), (intel, 1, 100.0), (amd, 3, 900.0)]
-    for i, (where, epochs, wall) in enumerate(runs):  # the 2000 s run shared its machine: the highest
+    runs = [(amd, 1, 300.0, "sum"), (amd, 1, 200.0, "sum"), (amd, 1, 2000.0, "sum"), (intel, 1, 100.0, "sum")]
+    runs += [(amd, 3, 900.0, "sum"), (amd, 1, 600.0, "upgrad")]  # an aggregated step: its own row
+    for i, (where, epochs, wall, mtl) in enumerate(runs):  # the 2000 s run shared its machine: the highest
         d = tmp_path / "main" / f"adapter=lora,seed={i}"
         d.mkdir(parents=True)
         best = {"epoch": 1, "dev_avg": 0.5, "dev": {}, "train": {}}
         res = {"status": "complete", "study": "main", "overrides": ["adapter=lora", f"seed={i}"], "seed": i}
         res.update(best=best, history=[best], adapter={"name": "lora"}, epochs=epochs, machine=where)
+        res.update(mtl={"name": mtl})
         res.update(wall_time_s=wall, step_time_ms=wall, timing={k: v * wall / 100 for k, v in timing.items()})
         (d / "results.json").write_text(json.dumps(res))
     d = tmp_path / "main" / "adapter=full,seed=1"  # from before runs recorded their machine
@@ -293,6 +296,7 @@ def test_the_cost_table_keeps_machines_and_epoch_counts_apart(tmp_path):
         ("lora", "1", "AMD EPYC (family 25, model 17), 2 cores", "3", "300", "2000"),  # not the mean, 833
         ("lora", "1", "Intel Xeon (family 6, model 143) AMX, 2 cores", "1", "100", "100"),
         ("lora", "3", "AMD EPYC (family 25, model 17), 2 cores", "1", "900", "900"),
+        ("lora+upgrad", "1", "AMD EPYC (family 25, model 17), 2 cores", "1", "600", "600"),
     ]
     amd_one = rows[1]
     assert float(amd_one["train %"]) == pytest.approx(80) and float(amd_one["step ms (median)"]) == pytest.approx(300)

@@ -146,6 +146,31 @@ def test_the_estimate_prices_jobs_from_this_machines_runs_where_it_has_any(tmp_p
     assert "lora 3m25s/epoch + 0m10s (4 runs on other machines than this one)" in describe([job], elsewhere)
 
 
+def test_an_aggregated_job_is_priced_by_aggregated_runs_not_by_the_summed_loss(tmp_path):
+    """LoRA under UPGrad steps about 1.8x LoRA under the summed loss: the plan prices an aggregated
+    job by its own kind's runs, an unmeasured aggregator by the strategy's other aggregators, and a
+    strategy measured only under the summed loss has no price for its aggregated jobs."""
+    for i, (adapter, mtl, wall) in enumerate(
+        [("lora", "sum", 200.0), ("lora", "upgrad", 560.0), ("lora", "pcgrad", 580.0)]
+    ):
+        run = tmp_path / "runs" / f"r{i}"
+        run.mkdir(parents=True)
+        res = {"status": "complete", "adapter": {"name": adapter}, "mtl": {"name": mtl}, "history": [{}]}
+        res |= {"wall_time_s": wall, "timing": {"train": wall - 20, "validation": 0.0}, "config": {}}
+        (run / "results.json").write_text(json.dumps(res))
+    costs = Costs([tmp_path / "runs"])
+
+    def job(adapter: str, mtl: str) -> Job:
+        return Job("mtl_methods", [], tmp_path / "x", adapter, 1, config={"mtl": {"name": mtl}})
+
+    assert costs.estimate(job("lora", "sum")) == pytest.approx(200.0)
+    assert costs.estimate(job("lora", "upgrad")) == pytest.approx(560.0)
+    assert costs.estimate(job("lora", "cagrad")) == pytest.approx(570.0)  # the median of upgrad's and pcgrad's
+    assert costs.estimate(Job("main", [], tmp_path / "x", "lora", 1)) == pytest.approx(200.0)  # no mtl: the sum
+    assert costs.estimate(job("full", "upgrad")) is None
+    assert "lora+upgrad 9m00s/epoch + 0m20s (1 runs" in describe([job("lora", "upgrad")], costs)
+
+
 def test_an_unknown_budget_stops_reproduce_and_tune_at_once(capsys):
     from peft_lightning.reproduce import main as reproduce
     from peft_lightning.tune import main as tune
