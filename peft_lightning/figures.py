@@ -30,6 +30,7 @@ NUMERIC_X = {
     "tune_lr": ("optim.tuned_lr", 10),
 }
 WITH_TRAIN = {"lora_rank"}
+CHOSEN_ON_SELECT = {"tune_lr"}  # studies whose setting is chosen on the selection split: drawn beside dev
 LABEL = {"sst5": "SST-5", "qqp": "QQP", "stsb": "STS-B"}
 
 
@@ -94,12 +95,18 @@ def plot_study(path: Path, study: str, runs: list[dict], heading: str, floor: di
             if study in WITH_TRAIN:
                 train = [_mean_score(groups[k], task, metric, "train") for k in members]
                 ax.plot(xs, train, linestyle="--", color=color, alpha=0.7, label=f"{label + ' ' if label else ''}train")
+            if study in CHOSEN_ON_SELECT:  # what peft-tune chooses the lr on, not dev
+                select = [_mean_score(groups[k], task, metric, "select") for k in members]
+                if any(v is not None for v in select):
+                    name = f"{label + ' ' if label else ''}selection split (chooses)"
+                    ax.plot(xs, select, linestyle="-.", marker="s", color=color, alpha=0.7, label=name)
         if floor is not None and comp.tasks:
             iv = comp.score(FLOOR_KEY, task)
             if iv is not None:
                 ax.axhline(iv.value, color="grey", linestyle=":", label="bag-of-words floor")
         ax.set_title(f"{LABEL[task]} {metric}" if task else "dev avg (the three)", fontsize=9)
-        ax.set_ylabel(f"dev {metric}" if task else "dev avg")
+        both = "dev, selection" if study in CHOSEN_ON_SELECT else "dev"
+        ax.set_ylabel(f"{both} {metric}" if task else f"{both} avg")
         ax.grid(alpha=0.3)
         if numeric:
             ax.set_xscale("log", base=base)

@@ -338,3 +338,35 @@ def test_figures_name_each_rows_own_settings_and_number_trials_whole(tmp_path, m
     assert all(float(t).is_integer() for t in ax.get_xticks()) and ax.get_title() == "lora: trials"
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["complete (1)", "pruned (3)"]
     close("all")
+
+
+def test_the_lr_search_figure_draws_the_selection_split_it_chooses_on(tmp_path, monkeypatch):
+    """peft-tune chooses each strategy's lr on the selection split: its figure draws that score
+    beside dev's, per lr, so the chosen lr can be read off it (dev alone can point elsewhere)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    close = plt.close
+    close("all")
+    monkeypatch.setattr(plt, "close", lambda *a, **k: None)
+    root = tmp_path / "mr"
+    select = {"1e-4": (0.40, 0.80, 0.80), "1e-3": (0.46, 0.82, 0.83)}  # dev prefers 1e-4, select 1e-3
+    dev = {"1e-4": (0.45, 0.83, 0.86), "1e-3": (0.43, 0.81, 0.85)}
+    for lr in select:
+        fake(root, "tune_lr", ["adapter=lora", f"optim.tuned_lr={lr}", "seed=1"], scores(*dev[lr]))
+        path = root / "tune_lr" / f"adapter=lora,optim.tuned_lr={lr}" / "seed=1" / "results.json"
+        res = json.loads(path.read_text())
+        res["best"]["select"] = scores(*select[lr])
+        res["best"]["select_avg"] = sum(select[lr]) / 3
+        path.write_text(json.dumps(res))
+    build_report(root, tmp_path / "out")
+    (fig,) = [plt.figure(n) for n in plt.get_fignums()]
+    avg = fig.get_axes()[-1]
+    lines = {line.get_label(): line for line in avg.get_lines() if not line.get_label().startswith("_")}
+    chooses = next(v for k, v in lines.items() if k.endswith("selection split (chooses)"))
+    assert list(chooses.get_xdata()) == [1e-4, 1e-3]
+    assert list(chooses.get_ydata()) == pytest.approx([sum(select["1e-4"]) / 3, sum(select["1e-3"]) / 3])
+    assert avg.get_ylabel() == "dev, selection avg"
+    close("all")
