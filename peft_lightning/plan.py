@@ -57,7 +57,7 @@ class Job:
     @property
     def kind(self) -> str:
         """What prices the job: its strategy, and its multi-task aggregator when it has one."""
-        return strategy_kind(self.adapter, (self.config.get("mtl") or {}).get("name"))
+        return strategy_kind(self.adapter, self.config.get("mtl"))
 
 
 def job_overrides(study: str, budget: str, rest: list[str]) -> list[list[str]]:
@@ -159,7 +159,7 @@ class Costs:
                 name = (res.get("adapter") or {}).get("name")
                 if not wall or not name:
                     continue
-                name = strategy_kind(name, (res.get("mtl") or {}).get("name"))
+                name = strategy_kind(name, res.get("mtl"))
                 timing = res.get("timing") or {}
                 if timing:
                     per_epoch = (
@@ -177,19 +177,23 @@ class Costs:
             self.costs[name] = Cost(per_epoch, once, len(s), this_machine=bool(by_machine[True]))
 
     def estimate(self, job: Job) -> float | None:
-        """The job's measured cost scaled to its epochs; an aggregator never measured with its strategy
-        is priced by the strategy's other aggregators (their steps cost about the same), never by its
-        summed-loss runs. None when nothing of its kind was measured."""
-        cost = self.costs.get(job.kind)
-        if cost is None and job.kind != job.adapter:
-            others = [c for k, c in self.costs.items() if k.startswith(f"{job.adapter}+")]
+        return self.price(job.adapter, job.kind, job.epochs)
+
+    def price(self, adapter: str, kind: str, epochs: int) -> float | None:
+        """A run of `kind` (`results.strategy_kind`) over `epochs`, from its measured runs; an
+        aggregator never measured with its strategy is priced by the strategy's other aggregators
+        (their steps cost about the same), never by its summed-loss runs. None when nothing of its
+        kind was measured."""
+        cost = self.costs.get(kind)
+        if cost is None and kind != adapter:
+            others = [c for k, c in self.costs.items() if k.startswith(f"{adapter}+")]
             if others:
                 cost = Cost(
                     statistics.median(c.per_epoch for c in others), statistics.median(c.once for c in others), 0
                 )
         if cost is None:
             return None
-        return cost.once + cost.per_epoch * job.epochs
+        return cost.once + cost.per_epoch * epochs
 
 
 def fmt_s(seconds: float | None) -> str:

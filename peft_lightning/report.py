@@ -304,16 +304,16 @@ COST_PARTS = ("startup", "features", "train", "validation", "predict")
 
 def cost_section(runs: list[dict], out: Path) -> list[str]:
     """Where the time went, per strategy (with its multi-task aggregator, `results.strategy_kind`),
-    epochs and machine (`results.machine`: times hold for one machine): each complete run trained once (a shared copy is counted in its source), the median
-    wall time with the lowest and highest (a run that shared the machine with other work shows as
-    the highest, without moving the median), the median step, and the share of each part
-    (`results.Clock`) over the group's runs."""
+    epochs and machine (`results.machine`: times hold for one machine): each complete run trained
+    once (a shared copy is counted in its source), the median wall time with the lowest and highest
+    (a run that shared the machine with other work shows as the highest, without moving the
+    median), the median step, and the share of each part (`results.Clock`) over the group's runs."""
     trained = [r for r in runs if r.get("status") == "complete" and not r.get("shared_from") and r.get("wall_time_s")]
     if not trained:
         return []
     groups: dict[tuple, list[dict]] = {}
     for r in trained:
-        name = strategy_kind((r.get("adapter") or {}).get("name", "?"), (r.get("mtl") or {}).get("name"))
+        name = strategy_kind((r.get("adapter") or {}).get("name", "?"), r.get("mtl"))
         key = (name, r.get("epochs") or 0, machine_label(r))
         groups.setdefault(key, []).append(r)
     header = ["strategy", "epochs", "machine", "runs", "wall s (median) [lowest, highest]", "step ms (median)"]

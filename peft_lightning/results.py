@@ -139,12 +139,13 @@ def machine() -> dict:
     }
 
 
-def strategy_kind(adapter: str, mtl: str | None) -> str:
-    """`lora`, or `lora+upgrad` under a torchjd aggregator: what a run's time is compared with. An
-    aggregated step backpropagates each task on its own (about 1.8x the summed loss's step on the
-    CPU, docs/speed.md), so the plan prices, and the report's cost table groups, its runs apart from
-    the strategy's summed-loss runs."""
-    return adapter if mtl in (None, "sum") else f"{adapter}+{mtl}"
+def strategy_kind(adapter: str, mtl: dict | None) -> str:
+    """`lora`, or `lora+upgrad` under a torchjd aggregator (`mtl`: a config's or results.json's `mtl`
+    section): what a run's time is compared with. An aggregated step backpropagates each task on its
+    own (about 1.8x the summed loss's step on the CPU, docs/speed.md), so the plan prices, and the
+    report's cost table groups, its runs apart from the strategy's summed-loss runs."""
+    name = (mtl or {}).get("name")
+    return adapter if name in (None, "sum") else f"{adapter}+{name}"
 
 
 def machine_label(res: dict) -> str:

@@ -177,8 +177,8 @@ def optuna_main(cfg, budget: str, rest: list[str], plan_only: bool | None) -> No
     root = Path(str(cfg.sweep_root))
     costs = Costs([root])
     epochs = int(cfg.trainer.max_epochs)
-    kinds = {n: strategy_kind(n, cfg.get("mtl", {}).get("name")) for n in strategies}
-    per_run = {n: costs.costs[k].once + costs.costs[k].per_epoch * epochs for n, k in kinds.items() if k in costs.costs}
+    priced = {n: costs.price(n, strategy_kind(n, cfg.get("mtl")), epochs) for n in strategies}
+    per_run = {n: s for n, s in priced.items() if s is not None}
     print(
         f"plan: optuna, {len(strategies)} strategies x {trials} trials (seed {search.search_seed(cfg)}, "
         f"pruner {cfg.tune.pruner}, {workers} worker(s)) -> {root / search.STUDY}, then each best over seeds {seeds}; "
