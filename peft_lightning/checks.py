@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 
-def whole(name: str, value, minimum: int = 0) -> int:
-    """`value` as an int of at least `minimum`."""
+def whole(name: str, value, minimum: int = 0, error: type[ValueError] = ValueError) -> int:
+    """`value` as an int of at least `minimum`; else `error` (a ValueError, or a subclass such as
+    `config.ConfigError`, which the commands report as a usage error)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {value!r}")
+        raise error(f"{name} must be a whole number >= {minimum}, got {value!r}")
     return value
 
 

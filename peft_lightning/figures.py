@@ -19,6 +19,7 @@ from pathlib import Path
 
 from peft_lightning.comparisons import FLOOR_KEY, MAIN, StudyComparison
 from peft_lightning.runs import complete, mean, overrides, score, varying_keys
+from peft_lightning.tables import CHOSEN_ON_SELECT
 from peft_lightning.tasks import TASKS
 
 # a study's numeric setting (its x axis) and the axis scale
@@ -30,7 +31,6 @@ NUMERIC_X = {
     "tune_lr": ("optim.tuned_lr", 10),
 }
 WITH_TRAIN = {"lora_rank"}
-CHOSEN_ON_SELECT = {"tune_lr"}  # studies whose setting is chosen on the selection split: drawn beside dev
 LABEL = {"sst5": "SST-5", "qqp": "QQP", "stsb": "STS-B"}
 
 

@@ -39,7 +39,7 @@ TITLES = {
     "sts_head": "STS-B head: MLP vs cosine similarity (dev)",
     "peft_methods": "PEFT methods: the study's four strategies, (IA)^3, DoRA, BitFit and bottleneck adapters (dev)",
     "mtl_methods": "Multi-task gradient methods against the summed loss, LoRA and full (dev)",
-    "tune_lr": "Learning-rate search per strategy (dev, one seed)",
+    "tune_lr": "Learning-rate search per strategy (chosen on the selection split, one seed)",
     "tuned": "Each strategy at its own tuned learning rate (dev)",
     "tune_optuna": "Optuna search trials (selection split, one seed)",
 }

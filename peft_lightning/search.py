@@ -34,6 +34,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from peft_lightning.checks import whole
 from peft_lightning.config import ConfigError, _run_name, compose
 from peft_lightning.results import read_results, selection_score
 
@@ -55,8 +56,7 @@ def pruner(name: str, startup: int = 2):
     prunes (below the median of earlier trials at the same epoch)."""
     import optuna
 
-    if isinstance(startup, bool) or not isinstance(startup, int) or startup < 1:
-        raise ConfigError(f"tune.pruner_startup={startup!r}: expected a whole number >= 1")
+    whole("tune.pruner_startup", startup, 1, ConfigError)
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
     if name == "sha":
@@ -193,9 +193,7 @@ def trial_config(budget: str, rest: list[str], root: Path, overrides: list[str])
     name = run_name(overrides)
     base = [f"budget={budget}", *rest, *overrides]
     plain = compose(base)
-    parts = plain.tune.get("epoch_parts", 1)
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ConfigError(f"tune.epoch_parts={parts!r}: expected a whole number >= 1")
+    parts = whole("tune.epoch_parts", plain.tune.get("epoch_parts", 1), 1, ConfigError)
     cut = []
     if parts > 1:
         epochs = int(plain.trainer.max_epochs)

@@ -10,11 +10,14 @@ the long runs, mean +- std over seeds, with the train - dev gap. `multitask_tabl
 from __future__ import annotations
 
 from peft_lightning.comparisons import FLOOR_KEY, FLOOR_PER_TASK, interval_cell, interval_columns
+from peft_lightning.results import selection_score
 from peft_lightning.runs import Num, complete, fmt, mean, overrides, score, strategy, varying_keys
 from peft_lightning.tasks import TASK_NAMES, TASKS
 
 METRICS = [("sst5", "acc"), ("qqp", "acc"), ("qqp", "f1"), ("stsb", "pearson"), ("stsb", "spearman")]
 WITH_TRAIN = {"epochs", "lora_rank"}
+# studies whose setting peft-tune chooses on the selection split: its avg beside dev's, and the choice
+CHOSEN_ON_SELECT = {"tune_lr": "optim.tuned_lr"}
 WITH_COST = {
     "main",
     "peft_methods",
@@ -31,12 +34,16 @@ def study_table(
     keys = varying_keys(runs)
     parts = ["train", "dev"] if study in WITH_TRAIN else ["dev"]
     header = list(keys) + [f"{p} {t} {m}" for p in parts for t, m in METRICS] + [f"{p} avg" for p in parts]
+    chosen_by = CHOSEN_ON_SELECT.get(study)
+    if chosen_by:
+        header += ["select avg", "chosen"]
     extra = study in WITH_COST
     if extra:
         header += ["trainable (encoder)", "trainable (with heads)", "step ms", "peak MiB"]
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault(tuple(overrides(r).get(k, "") for k in keys), []).append(r)
+    chosen = _chosen(groups, keys, chosen_by) if chosen_by else set()
     ci_header, ci_cells, comp = interval_columns(study, keys, {k: complete(m)[0] for k, m in groups.items()}, floor)
     header += ci_header + ["seeds", "status"]
     rows, numbers = [], []
@@ -52,6 +59,10 @@ def study_table(
             vals = [r["best"].get(f"{part(r['best'], p)}_avg") for r in ok]
             cells.append(fmt(vals))
             nums.append(mean(vals))
+        if chosen_by:
+            vals = [r["best"].get("select_avg") for r in ok]
+            cells += [fmt(vals), "yes" if key in chosen else ""]
+            nums += [mean(vals), None]
         if extra:
             for path in (("params", "encoder", "trainable"), ("params", "with_heads", "trainable")):
                 vals = [_get(r, path) for r in ok]
@@ -71,6 +82,21 @@ def study_table(
         rows.append(floor_row(header, keys, floor, comp.score(FLOOR_KEY, None)))
         numbers.append([None] * len(numbers[0]) if numbers else [])  # not a contender for bold
     return header, rows, numbers
+
+
+def _chosen(groups: dict[tuple, list[dict]], keys: list[str], setting: str) -> set[tuple]:
+    """The rows peft-tune chooses: among the rows that differ only in `setting` (one strategy's lrs),
+    the one with the highest mean selection-split avg (`tune.choose`'s rule; dev for runs from before the selection split)."""
+    if setting not in keys:
+        return set()
+    at = keys.index(setting)
+    best: dict[tuple, tuple[float, tuple]] = {}
+    for key, members in groups.items():
+        value = mean([selection_score(r["best"]) for r in complete(members)[0]])
+        rest = key[:at] + key[at + 1 :]
+        if value is not None and (rest not in best or value > best[rest][0]):
+            best[rest] = (value, key)
+    return {key for _, key in best.values()}
 
 
 def floor_row(header: list[str], keys: list[str], floor: dict, avg) -> list[str]:

@@ -137,8 +137,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict:
     run inside the same directory for the same job).
     """
     epochs = cfg.trainer.max_epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"trainer.max_epochs must be a whole number >= 1, got {epochs!r} (a run must train)")
+    whole("trainer.max_epochs", epochs, 1)
     check_trainer(cfg.trainer)
     t0 = time.perf_counter()
     run_dir = Path(cfg.output_dir)

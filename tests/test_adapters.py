@@ -57,9 +57,12 @@ def test_count_ordering():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: LoRA(rank=0), "rank must be an integer >= 1"),
+        (lambda: LoRA(rank=0), "rank must be a whole number >= 1"),
+        (lambda: LoRA(rank=True), "rank must be a whole number >= 1, got True"),  # adapter.rank=true
         (lambda: LoRA(rank=4, scaling="sqrt"), "scaling='sqrt' is unknown"),
-        (lambda: Prefix(length=0), "length must be an integer >= 1"),
+        (lambda: Prefix(length=0), "length must be a whole number >= 1"),
+        (lambda: Prefix(length=True), "length must be a whole number >= 1, got True"),
+        (lambda: Prefix(length=2, mlp_hidden=True), "mlp_hidden must be a positive integer or null"),
         (lambda: Prefix(length=2, mlp="yes"), "mlp must be true or false"),
     ],
 )

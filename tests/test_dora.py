@@ -183,7 +183,7 @@ def test_dora_closed_form_counts_on_bert_base_shape():
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: DoRA(rank=0), "rank must be an integer >= 1"),
+        (lambda: DoRA(rank=0), "rank must be a whole number >= 1"),
         (lambda: DoRA(scaling="sqrt"), "scaling='sqrt' is unknown"),
         (lambda: DoRA(dropout=1.0), r"dropout must be in \[0, 1\)"),
     ],

@@ -120,7 +120,7 @@ BAD_INPUTS = [
         ["adapter=prefix", "+adapter.depth=3"],
         "adapter.depth is not an option of Prefix",
     ),
-    ("prefix length 0", None, ["adapter=prefix", "adapter.length=0"], "adapter.length must be an integer >= 1"),
+    ("prefix length 0", None, ["adapter=prefix", "adapter.length=0"], "adapter.length must be a whole number >= 1"),
     ("no data folder", None, ["data.dir=/nonexistent"], "data directory /nonexistent does not exist"),
 ]
 
@@ -894,9 +894,11 @@ def test_a_failing_job_does_not_stop_the_sweep_which_exits_1_and_says_k_of_n(
     assert runs["adapter.rank=2"]["status"] == "complete"  # the job after the failed one ran
     assert (
         runs["adapter.rank=0"]["status"] == "failed"
-        and "rank must be an integer >= 1" in runs["adapter.rank=0"]["error"]
+        and "rank must be a whole number >= 1" in runs["adapter.rank=0"]["error"]
     )
-    assert "failed: ValueError: adapter.rank must be an integer >= 1" in build_report(tmp_path / "sweep").read_text()
+    assert (
+        "failed: ValueError: adapter.rank must be a whole number >= 1" in build_report(tmp_path / "sweep").read_text()
+    )
     # every job failing: still exit 1, and "0 of 2"
     (data / "qqp" / "dev.tsv").write_text("id\tsentence1\tsentence2\tlabel\n1\ta\tb\t2\n")  # a bad label
     capfd.readouterr()

@@ -370,3 +370,11 @@ def test_the_lr_search_figure_draws_the_selection_split_it_chooses_on(tmp_path, 
     assert list(chooses.get_ydata()) == pytest.approx([sum(select["1e-4"]) / 3, sum(select["1e-3"]) / 3])
     assert avg.get_ylabel() == "dev, selection avg"
     close("all")
+    # the table says the same: each lr's selection avg beside its dev avg, and which lr is chosen
+    csv_rows = list(csv.DictReader((tmp_path / "out" / "tune_lr.csv").open()))
+    by_lr = {r["optim.tuned_lr"]: r for r in csv_rows}
+    assert float(by_lr["1e-3"]["select avg mean"]) == pytest.approx(sum(select["1e-3"]) / 3)
+    assert float(by_lr["1e-4"]["dev avg mean"]) > float(by_lr["1e-3"]["dev avg mean"])
+    assert [by_lr[lr]["chosen"] for lr in ("1e-4", "1e-3")] == ["", "yes"]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Learning-rate search per strategy (chosen on the selection split, one seed)" in report

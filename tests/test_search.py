@@ -94,9 +94,9 @@ def test_budget_cpu_trials_cut_their_pass_into_four_validated_parts(tmp_path):
     assert plain.data.train_eval == smoke.data.train_eval
     doubled = search.trial_config("smoke", ["tune.epoch_parts=2"], tmp_path, overrides)
     assert doubled.trainer.max_epochs == 2 * smoke.trainer.max_epochs
-    with pytest.raises(ConfigError, match="tune.epoch_parts=0: expected a whole number >= 1"):
+    with pytest.raises(ConfigError, match="tune.epoch_parts must be a whole number >= 1, got 0"):
         search.trial_config("smoke", ["tune.epoch_parts=0"], tmp_path, overrides)
-    with pytest.raises(ConfigError, match="tune.pruner_startup=0"):
+    with pytest.raises(ConfigError, match="tune.pruner_startup must be a whole number >= 1, got 0"):
         search.pruner("median", 0)
 
 

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from peft_lightning.adapters.base import LayerAdapter, MergeableLinear, freeze
+from peft_lightning.checks import whole
 from peft_lightning.encoder import BertEncoder
 from peft_lightning.layers import Dropout
 
@@ -83,8 +84,7 @@ class LowRankAdapter(LayerAdapter):
         include_pooler: bool | str = "auto",
     ):
         super().__init__()
-        if not isinstance(rank, int) or rank < 1:
-            raise ValueError(f"adapter.rank must be an integer >= 1, got {rank!r}")
+        whole("adapter.rank", rank, 1)  # true is not a rank
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"adapter.dropout must be in [0, 1), got {dropout}")
         if include_pooler not in ("auto", True, False):

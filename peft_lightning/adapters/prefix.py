@@ -22,6 +22,7 @@ from torch import nn
 
 from peft_lightning.adapters.base import Adapter, freeze
 from peft_lightning.adapters.fused_qkv import install_fused_qkv
+from peft_lightning.checks import whole
 from peft_lightning.encoder import BertEncoder, PrefixKV
 
 
@@ -94,11 +95,12 @@ class Prefix(Adapter):
 
     def __init__(self, length: int = 4, mlp: bool = True, mlp_hidden: int | None = None, init_std: float = 0.02):
         super().__init__()
-        if not isinstance(length, int) or length < 1:
-            raise ValueError(f"adapter.length must be an integer >= 1, got {length!r}")
+        whole("adapter.length", length, 1)  # true is not a length
         if not isinstance(mlp, bool):
             raise ValueError(f"adapter.mlp must be true or false, got {mlp!r}")
-        if mlp_hidden is not None and (not isinstance(mlp_hidden, int) or mlp_hidden < 1):
+        if mlp_hidden is not None and (
+            isinstance(mlp_hidden, bool) or not isinstance(mlp_hidden, int) or mlp_hidden < 1
+        ):
             raise ValueError(f"adapter.mlp_hidden must be a positive integer or null, got {mlp_hidden!r}")
         self.length, self.mlp, self.mlp_hidden, self.init_std = length, mlp, mlp_hidden, init_std
         self.prefix_encoder: PrefixEncoder | None = None
