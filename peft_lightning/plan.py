@@ -4,9 +4,9 @@
 (the experiment's `hydra.sweeper.params` and the command line's own sweeps, expanded by Hydra's
 `BasicSweeper.split_arguments`), each with its run folder and state: complete, shared (a complete
 run elsewhere under the sweep root has its training config: `sharing.py`), resume (a last.ckpt to
-go on from), failed, or to run. `estimate` prices a job from the measured runs of its strategy
-(`Costs`: the per-epoch training and validation time, start-up and prediction in their
-results.json), scaled to its epochs. `Progress` watches the planned folders while the sweeps run
+go on from), failed, or to run. `estimate` prices a job from the measured runs of its strategy, of
+its adapter settings where this machine measured them (`Costs`: the per-epoch training and
+validation time, start-up and prediction in their results.json), scaled to its epochs. `Progress` watches the planned folders while the sweeps run
 and prints one line per finished job: k of N, elapsed, ETA.
 """
 
@@ -144,6 +144,11 @@ class Costs:
     2-core VM may land on another CPU from one sitting to the next, and one CPU's runs took 25-35%
     longer than the other's: a median over both priced the later sitting's jobs too low.
 
+    A job whose adapter settings (its `adapter:` config: LoRA's rank, a prefix's length) were
+    measured on this machine is priced by those runs alone: a LoRA r=64 run cost 1.3x an r=2 one here,
+    and a strategy's median priced every rank of `lora_rank` the same. A run's epochs are passes
+    over the training data: an Optuna trial's parts (`data.epoch_parts`) are fractions of one.
+
     Args:
         roots: folders searched for complete runs.
         here: the machine's label (default: this process's, `results.machine`).
@@ -151,10 +156,12 @@ class Costs:
 
     def __init__(self, roots: list[Path], here: str | None = None):
         here = machine_label({"machine": machine()}) if here is None else here
-        samples: dict[str, dict[bool, list[tuple[float, float]]]] = {}
+        samples: dict[tuple[str, str | None], dict[bool, list[tuple[float, float]]]] = {}
         for root in roots:
             for _, res in complete_runs(root):
-                epochs = len(res.get("history") or []) or 1
+                config = res.get("config") or {}
+                parts = (config.get("data") or {}).get("epoch_parts") or 1
+                epochs = (len(res.get("history") or []) or 1) / parts
                 wall = res.get("wall_time_s")
                 name = (res.get("adapter") or {}).get("name")
                 if not wall or not name:
@@ -168,23 +175,33 @@ class Costs:
                     once = max(0.0, wall - per_epoch * epochs)
                 else:  # an older results.json: all of its time scales with epochs but a start-up share
                     per_epoch, once = wall / epochs, 0.0
-                by_machine = samples.setdefault(name, {True: [], False: []})
-                by_machine[machine_label(res) == here].append((per_epoch, once))
-        self.costs = {}
-        for name, by_machine in samples.items():
+                for key in ((name, None), (name, adapter_setting(config))):
+                    by_machine = samples.setdefault(key, {True: [], False: []})
+                    by_machine[machine_label(res) == here].append((per_epoch, once))
+        self.costs: dict[str, Cost] = {}  # per kind
+        self.settings: dict[tuple[str, str], Cost] = {}  # per kind and adapter settings
+        for (name, setting), by_machine in samples.items():
             s = by_machine[True] or by_machine[False]
             per_epoch, once = statistics.median(p for p, _ in s), statistics.median(o for _, o in s)
-            self.costs[name] = Cost(per_epoch, once, len(s), this_machine=bool(by_machine[True]))
+            cost = Cost(per_epoch, once, len(s), this_machine=bool(by_machine[True]))
+            if setting is None:
+                self.costs[name] = cost
+            elif setting != adapter_setting({}):
+                self.settings[(name, setting)] = cost
 
     def estimate(self, job: Job) -> float | None:
-        return self.price(job.adapter, job.kind, job.epochs)
+        return self.price(job.adapter, job.kind, job.epochs, adapter_setting(job.config))
 
-    def price(self, adapter: str, kind: str, epochs: int) -> float | None:
-        """A run of `kind` (`results.strategy_kind`) over `epochs`, from its measured runs; an
-        aggregator never measured with its strategy is priced by the strategy's other aggregators
-        (their steps cost about the same), never by its summed-loss runs. None when nothing of its
-        kind was measured."""
+    def price(self, adapter: str, kind: str, epochs: int, setting: str | None = None) -> float | None:
+        """A run of `kind` (`results.strategy_kind`) over `epochs`, from its measured runs: those of its
+        adapter `setting` (`adapter_setting`) where this machine measured them (or where nothing of
+        its kind was measured here), else its kind's. An aggregator never measured with its strategy
+        is priced by the strategy's other aggregators (their steps cost about the same), never by its
+        summed-loss runs. None when nothing of its kind was measured."""
         cost = self.costs.get(kind)
+        exact = self.settings.get((kind, setting)) if setting is not None else None
+        if exact is not None and (exact.this_machine or not cost.this_machine):
+            cost = exact
         if cost is None and kind != adapter:
             others = [c for k, c in self.costs.items() if k.startswith(f"{adapter}+")]
             if others:
@@ -194,6 +211,11 @@ class Costs:
         if cost is None:
             return None
         return cost.once + cost.per_epoch * epochs
+
+
+def adapter_setting(config: dict) -> str:
+    """A run's or job's adapter settings as one key (its resolved `adapter:` config)."""
+    return json.dumps(config.get("adapter") or {}, sort_keys=True, default=str)
 
 
 def fmt_s(seconds: float | None) -> str:

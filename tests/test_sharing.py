@@ -146,6 +146,33 @@ def test_the_estimate_prices_jobs_from_this_machines_runs_where_it_has_any(tmp_p
     assert "lora 3m25s/epoch + 0m10s (4 runs on other machines than this one)" in describe([job], elsewhere)
 
 
+def test_a_job_is_priced_by_the_runs_of_its_own_adapter_settings(tmp_path):
+    """lora_rank's jobs: r=2 and r=64 measured here are priced by their own runs, an unmeasured rank
+    by LoRA's median, a rank measured only on another machine by this machine's LoRA runs; an Optuna
+    trial's four validated parts are one pass over the data, not four epochs."""
+    here = {"cpu": "AMD EPYC (family 25, model 17)", "cores": 2, "bf16": ["avx512_bf16"], "gpu": None}
+    there = {**here, "cpu": "Intel Xeon (family 6, model 143)"}
+    measured = [(2, here, 200.0, 1), (64, here, 300.0, 1), (32, there, 900.0, 1), (8, here, 260.0, 4)]
+    for i, (rank, where, wall, parts) in enumerate(measured):
+        run = tmp_path / "runs" / f"r{i}"
+        run.mkdir(parents=True)
+        config = {"adapter": {"rank": rank}, "data": {"epoch_parts": parts}}
+        res = {"status": "complete", "adapter": {"name": "lora"}, "history": [{}] * parts, "wall_time_s": wall}
+        res |= {"timing": {"train": wall - 10, "validation": 0.0}, "config": config, "machine": where}
+        (run / "results.json").write_text(json.dumps(res))
+    costs = Costs([tmp_path / "runs"], here=machine_label({"machine": here}))
+
+    def job(rank: int) -> Job:
+        return Job("lora_rank", [], tmp_path / "x", "lora", 1, config={"adapter": {"rank": rank}})
+
+    assert costs.estimate(job(2)) == pytest.approx(200.0)
+    assert costs.estimate(job(64)) == pytest.approx(300.0)
+    assert costs.estimate(job(8)) == pytest.approx(260.0)  # the trial: 250 s of training over one pass
+    assert costs.estimate(job(16)) == pytest.approx(260.0)  # this machine's LoRA median (200, 260, 300)
+    assert costs.estimate(job(32)) == pytest.approx(260.0)  # measured only on the other machine
+    assert costs.estimate(Job("lora_rank", [], tmp_path / "x", "lora", 3, config=job(2).config)) == pytest.approx(580.0)
+
+
 def test_an_aggregated_job_is_priced_by_aggregated_runs_not_by_the_summed_loss(tmp_path):
     """LoRA under UPGrad steps about 1.8x LoRA under the summed loss: the plan prices an aggregated
     job by its own kind's runs, an unmeasured aggregator by the strategy's other aggregators, and a
