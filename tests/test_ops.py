@@ -17,12 +17,33 @@ def test_dropout_keeps_one_minus_p_and_rescales():
     y = dropout(x, 0.1, training=True)
     zero = (y == 0).float().mean().item()
     assert abs(zero - 0.1) < 0.003  # binomial sd is 0.0005
-    assert torch.allclose(y[y != 0], torch.full_like(y[y != 0], 1 / 0.9))
+    p = round(0.1 * 2**15) / 2**15  # 0.100006: the p a 15-bit lane draws (layers.keep_mask)
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))  # E[y] = x exactly
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x * mask / (1 - p)) / dx = mask / (1 - p)
     torch.manual_seed(0)
     assert torch.equal(dropout(torch.ones(400_000), 0.1, training=True), y.detach())  # seeded
     assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0, training=True) is x
+
+
+@pytest.mark.parametrize("p", [0.1, 0.25, 0.5, 0.01, 1e-4])
+def test_the_mask_drops_each_element_with_its_p_independently_of_its_neighbours(p):
+    """Four mask elements come from one 64-bit draw: each still drops with p (to 15 bits, or to 31
+    where 15 bits cannot hold p to 0.1%), and two elements of one word drop together with p^2."""
+    from peft_lightning.layers import keep_mask
+
+    torch.manual_seed(1)
+    n = 4_000_001  # not a multiple of four
+    keep, drawn = keep_mask(torch.Size([n]), p)
+    assert keep.dtype == torch.bool and keep.shape == (n,)
+    assert abs(drawn - p) <= 1e-3 * p
+    assert drawn == (round(p * 2**15) / 2**15 if p >= 0.01 else round(p * 2**31) / 2**31)
+    dropped = (~keep).double()
+    sd = (drawn * (1 - drawn) / n) ** 0.5
+    assert abs(dropped.mean().item() - drawn) < 5 * sd
+    for lag in (1, 2, 3, 4):  # lanes of one word (1, 2, 3) and the next word's (4)
+        both = (dropped[:-lag] * dropped[lag:]).mean().item()
+        assert abs(both - drawn**2) < 5 * (drawn**2 * (1 - drawn**2) / n) ** 0.5 + 1e-9
 
 
 def test_dropout_module_is_a_drop_in_for_nn_dropout():
@@ -51,7 +72,8 @@ def test_attention_dropout_zeroes_about_p_of_the_weights():
     v = torch.eye(50).expand(4, 2, 50, 50)  # output = the attention weights themselves
     out = attention(q, k, v, torch.ones(4, 1, 1, 50, dtype=torch.bool), 0.2)
     assert abs((out == 0).float().mean().item() - 0.2) < 0.01
-    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 50 / 0.8))
+    p = round(0.2 * 2**15) / 2**15  # the p a 15-bit lane draws (layers.keep_mask)
+    assert torch.allclose(out[out != 0], torch.full_like(out[out != 0], 1 / 50 / (1 - p)))
 
 
 def test_add_low_rank_is_y_plus_scaled_ab_with_gradients():
