@@ -302,9 +302,16 @@ def wandb_records(path: Path) -> list:
 def wandb_run(run_dir: Path) -> dict:
     """A run folder's wandb offline run: its tags, group, name, summary and logged history rows."""
     import json as _json
+    import time as _time
 
     (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
     out = {"tags": [], "group": None, "name": None, "summary": {}, "history": []}
+    # wandb's service may still be writing the file's last records (the final summary, then `exit`)
+    # when wandb.finish() has returned, on a loaded machine: read it once `exit` is in it
+    deadline = _time.monotonic() + 60
+    while not any(r.WhichOneof("record_type") == "exit" for r in wandb_records(path)):
+        assert _time.monotonic() < deadline, f"{path}: no exit record after 60 s (the run never finished)"
+        _time.sleep(0.2)
     for rec in wandb_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "run":
