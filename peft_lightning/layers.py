@@ -5,12 +5,12 @@ math path that also re-derives the mask from the boolean attention mask in every
 training step draws ~25M mask elements. Here each mask element is a 15-bit lane of a 64-bit
 `random_` draw (four lanes a word, the sign bit of each cleared) compared with q = round(p * 2^15):
 an element is dropped with probability q / 2^15 (0.100006 for p = 0.1) and the kept ones are scaled
-by 1 / (1 - q / 2^15), so the output's expectation is its input exactly. That is a quarter of the
-generator's draws of one 31-bit integer an element (the draw before, kept for a p that 15 bits
-cannot hold to 0.1%, such as 1e-4) and about 6 ns less an element than `bernoulli_`
-(docs/speed.md). CPU training attention is written out with an additive mask
-bias (SDPA's math path, without its per-layer re-derivation checks on the boolean mask). On CUDA
-both stay PyTorch's fused kernels.
+by 1 / (1 - q / 2^15), so the output's expectation is its input (in fp32; a bf16 tensor's scale is
+rounded to bf16, as in PyTorch's own dropout). One 64-bit draw serves four elements where the
+draw before took a 31-bit integer for each (kept for a p that 15 bits cannot hold to 0.1%, such
+as 1e-4): about 1.5-2.5 ns an element against 2.5-5 before and 7-8 for `bernoulli_` (docs/speed.md).
+CPU training attention is written out with an additive mask bias (SDPA's math path, without its
+per-layer re-derivation checks on the boolean mask). On CUDA both stay PyTorch's fused kernels.
 These are the encoder's numerics whatever the adapter: no adapter and no fast-path code lives here.
 """
 

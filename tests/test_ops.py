@@ -18,7 +18,7 @@ def test_dropout_keeps_one_minus_p_and_rescales():
     zero = (y == 0).float().mean().item()
     assert abs(zero - 0.1) < 0.003  # binomial sd is 0.0005
     p = round(0.1 * 2**15) / 2**15  # 0.100006: the p a 15-bit lane draws (layers.keep_mask)
-    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))  # E[y] = x exactly
+    assert torch.equal(y[y != 0], torch.full_like(y[y != 0], 1 / (1 - p)))  # E[y] = x (fp32)
     y.sum().backward()
     assert torch.equal(x.grad, y.detach())  # d(x * mask / (1 - p)) / dx = mask / (1 - p)
     torch.manual_seed(0)
