@@ -6,8 +6,9 @@
 run elsewhere under the sweep root has its training config: `sharing.py`), resume (a last.ckpt to
 go on from), failed, or to run. `estimate` prices a job from the measured runs of its strategy, of
 its adapter settings where this machine measured them (`Costs`: the per-epoch training and
-validation time, start-up and prediction in their results.json), scaled to its epochs. `Progress` watches the planned folders while the sweeps run
-and prints one line per finished job: k of N, elapsed, ETA.
+validation time, start-up and prediction in their results.json), scaled to its epochs. `Progress`
+watches the planned folders while the sweeps run and prints one line per finished job: k of N,
+elapsed, ETA.
 """
 
 from __future__ import annotations
