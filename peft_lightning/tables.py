@@ -86,7 +86,8 @@ def study_table(
 
 def _chosen(groups: dict[tuple, list[dict]], keys: list[str], setting: str) -> set[tuple]:
     """The rows peft-tune chooses: among the rows that differ only in `setting` (one strategy's lrs),
-    the one with the highest mean selection-split avg (`tune.choose`'s rule; dev for runs from before the selection split)."""
+    the one with the highest mean selection-split avg (`tune.choose`'s rule; dev for runs from
+    before the selection split)."""
     if setting not in keys:
         return set()
     at = keys.index(setting)
