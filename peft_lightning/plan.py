@@ -176,7 +176,8 @@ class Costs:
                     once = max(0.0, wall - per_epoch * epochs)
                 else:  # an older results.json: all of its time scales with epochs but a start-up share
                     per_epoch, once = wall / epochs, 0.0
-                for key in ((name, None), (name, adapter_setting(config))):
+                keys = [(name, None)] + ([(name, adapter_setting(config))] if config.get("adapter") else [])
+                for key in keys:  # its kind's, and its adapter settings' where the run records them
                     by_machine = samples.setdefault(key, {True: [], False: []})
                     by_machine[machine_label(res) == here].append((per_epoch, once))
         self.costs: dict[str, Cost] = {}  # per kind
@@ -187,7 +188,7 @@ class Costs:
             cost = Cost(per_epoch, once, len(s), this_machine=bool(by_machine[True]))
             if setting is None:
                 self.costs[name] = cost
-            elif setting != adapter_setting({}):
+            else:
                 self.settings[(name, setting)] = cost
 
     def estimate(self, job: Job) -> float | None:
@@ -200,7 +201,7 @@ class Costs:
         is priced by the strategy's other aggregators (their steps cost about the same), never by its
         summed-loss runs. None when nothing of its kind was measured."""
         cost = self.costs.get(kind)
-        exact = self.settings.get((kind, setting)) if setting is not None else None
+        exact = self.settings.get((kind, setting))
         if exact is not None and (exact.this_machine or not cost.this_machine):
             cost = exact
         if cost is None and kind != adapter:
